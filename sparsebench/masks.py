@@ -1,0 +1,290 @@
+"""Which weights are sparse, how sparsity is spread over them, random masks and mask statistics.
+
+Conventions:
+
+* A mask is a bool tensor of the weight's shape; ``True`` = active (kept) weight.
+* A *density* is the fraction of active weights (1 - sparsity).
+* Weights are stored either as ``(out, in)`` (``nn.Linear``, Llama) or ``(in, out)`` (GPT-2's
+  ``Conv1D``). :class:`LayerInfo` records which axis is which, so fan-in/fan-out and dead
+  rows/columns mean the same thing for both: a *dead row* is an output unit all of whose
+  incoming weights are pruned, a *dead column* an input unit with no active outgoing weight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from .errors import MaskError
+
+
+@dataclass
+class LayerInfo:
+    """A sparsifiable weight: its parameter, fan-in/fan-out and which tensor axes they are.
+
+    ``out_dim`` / ``in_dim`` index the weight tensor (``Conv1D``: 1 / 0; ``nn.Linear``: 0 / 1).
+    For weights with more than two axes (conv kernels) ``fan_in`` is the product of every axis
+    but ``out_dim``, and ``in_dim`` is the input-channel axis.
+    """
+
+    name: str
+    param: torch.nn.Parameter
+    fan_in: int
+    fan_out: int
+    out_dim: int = 0
+    in_dim: int = 1
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+
+def row_col_dims(info: LayerInfo) -> tuple[int, int]:
+    """``(out_dim, in_dim)``: the tensor axes of output units (rows) and input units (columns)."""
+    return info.out_dim, info.in_dim
+
+
+def _layer_info(name: str, param: torch.nn.Parameter, module: Optional[torch.nn.Module]) -> LayerInfo:
+    shape = tuple(param.shape)
+    if isinstance(module, Conv1D):  # GPT-2 stores x @ W with W of shape (in, out)
+        return LayerInfo(name, param, fan_in=shape[0], fan_out=shape[1], out_dim=1, in_dim=0)
+    if isinstance(module, torch.nn.Embedding):  # a row per token: tokens are the inputs
+        return LayerInfo(name, param, fan_in=shape[0], fan_out=shape[1], out_dim=1, in_dim=0)
+    # nn.Linear, convolutions and anything else: PyTorch's (out, in, *kernel) convention.
+    return LayerInfo(name, param, fan_in=math.prod(shape[1:]), fan_out=shape[0], out_dim=0, in_dim=1)
+
+
+def _block_prefixes(model: torch.nn.Module) -> list[str]:
+    """Names of the transformer blocks: the entries of the longest ModuleList of like modules.
+
+    Found structurally (GPT-2's ``transformer.h``, Llama's ``model.layers``, OPT's
+    ``model.decoder.layers``...) so that pretrained models of other families work unchanged.
+    """
+    best_name, best_len = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > best_len:
+            if len({type(m) for m in module}) == 1:
+                best_name, best_len = name, len(module)
+    if best_name is None:
+        return []
+    return [f"{best_name}.{i}." if best_name else f"{i}." for i in range(best_len)]
+
+
+def sparsifiable_layers(
+    model: torch.nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, LayerInfo]:
+    """The weights a method may sparsify, in parameter order: name -> :class:`LayerInfo`.
+
+    Default (``include`` empty): every 2-D weight inside the transformer blocks (attention and
+    MLP projections); embeddings, position embeddings, the LM head, norms and biases stay dense.
+    ``include`` (fnmatch globs over parameter names, e.g. ``"*.mlp.*"``) replaces the default
+    set but only matches weights with at least two axes; ``exclude`` removes from the set.
+    A tied LM head appears once, under the embedding's name.
+
+    Raises:
+        MaskError: a pattern matches nothing (typo guard) or the resulting set is empty.
+    """
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, module)
+    params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+
+    if include:
+        selected = []
+        for pattern in include:
+            hits = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise MaskError(_no_match("include", pattern, list(params)))
+            selected += [n for n in hits if n not in selected]
+        names = [n for n in params if n in selected]  # keep parameter order
+    else:
+        prefixes = tuple(_block_prefixes(model))
+        names = [n for n, p in params.items() if p.dim() == 2 and prefixes and n.startswith(prefixes)
+                 and not isinstance(owners.get(n), torch.nn.Embedding)]
+
+    for pattern in exclude:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise MaskError(_no_match("exclude", pattern, names))
+        names = [n for n in names if n not in hits]
+
+    if not names:
+        raise MaskError("no sparsifiable weights are left (check sparsify.include / sparsify.exclude)")
+    return {n: _layer_info(n, params[n], owners.get(n)) for n in names}
+
+
+def _no_match(kind: str, pattern: str, candidates: list[str]) -> str:
+    shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+    return f"sparsify.{kind} pattern '{pattern}' matches no weight with 2+ axes; candidates: {shown}"
+
+
+# --------------------------------------------------------------------------- density distributions
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise MaskError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def uniform_densities(layers: Mapping[str, LayerInfo], sparsity: float) -> dict[str, float]:
+    """Every layer at density ``1 - sparsity``."""
+    _check_sparsity(sparsity)
+    return {name: 1.0 - sparsity for name in layers}
+
+
+def _erdos_renyi(layers: Mapping[str, LayerInfo], sparsity: float, raw: Mapping[str, float]) -> dict[str, float]:
+    """Scale raw scores by one ε so the active count matches; cap layers at density 1.
+
+    Follows google-research/rigl ``sparse_utils.get_sparsities_erdos_renyi``: the target is
+    Σ (n_l - floor(sparsity·n_l)); while ε·raw_max > 1 the layer(s) with the largest raw score
+    are made dense (their weights leave the budget) and ε is solved again. Making a layer dense
+    only frees budget, so ε grows and earlier decisions stay valid.
+    """
+    _check_sparsity(sparsity)
+    dense: set[str] = set()
+    while True:
+        rhs, divisor = 0.0, 0.0
+        for name, info in layers.items():
+            n = info.numel
+            n_zeros = math.floor(sparsity * n)
+            if name in dense:
+                rhs -= n_zeros  # this layer keeps its zeros' worth of weights the others lose
+            else:
+                rhs += n - n_zeros
+                divisor += raw[name] * n
+        pool = [name for name in layers if name not in dense]
+        if not pool:  # only at sparsity ~0: everything dense
+            return {name: 1.0 for name in layers}
+        eps = rhs / divisor
+        max_raw = max(raw[name] for name in pool)
+        if eps * max_raw <= 1.0:
+            break
+        dense.update(name for name in pool if raw[name] == max_raw)
+    # min(): the last uncapped layer at sparsity 0 can come out a rounding error above 1.
+    return {name: 1.0 if name in dense else min(1.0, eps * raw[name]) for name in layers}
+
+
+def erk_densities(layers: Mapping[str, LayerInfo], sparsity: float, power_scale: float = 1.0) -> dict[str, float]:
+    """Erdős–Rényi-Kernel densities as in RigL: density_l ∝ (Σ shape / Π shape) ** power_scale.
+
+    For a 2-D weight the score is (n_in + n_out) / (n_in · n_out); for a conv kernel it includes
+    the kernel dims. ``power_scale < 1`` flattens the distribution towards uniform (0 = uniform).
+    """
+    raw = {name: (sum(info.shape) / math.prod(info.shape)) ** power_scale for name, info in layers.items()}
+    return _erdos_renyi(layers, sparsity, raw)
+
+
+def er_densities(layers: Mapping[str, LayerInfo], sparsity: float) -> dict[str, float]:
+    """Erdős–Rényi densities (SET): density_l ∝ (fan_in + fan_out) / (fan_in · fan_out), capped at 1."""
+    raw = {name: (info.fan_in + info.fan_out) / (info.fan_in * info.fan_out) for name, info in layers.items()}
+    return _erdos_renyi(layers, sparsity, raw)
+
+
+DISTRIBUTIONS = {"uniform": uniform_densities, "erk": erk_densities, "er": er_densities}
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def random_masks(
+    layers: Mapping[str, LayerInfo], densities: Mapping[str, float], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A bool mask per layer with exactly ``round(density · numel)`` active entries.
+
+    Positions are a uniform random subset drawn with ``torch.randperm`` from ``generator``
+    (drawn on the generator's device, so a CPU generator gives the same masks on any device);
+    the mask lives on the parameter's device. Dense layers consume no random numbers.
+    """
+    masks = {}
+    for name, info in layers.items():
+        density = float(densities[name])
+        if not 0.0 <= density <= 1.0:
+            raise MaskError(f"density of {name} must be in [0, 1], got {density}")
+        n = info.numel
+        k = round(density * n)
+        if k == n:
+            mask = torch.ones(n, dtype=torch.bool, device=info.param.device)
+        else:
+            flat = torch.zeros(n, dtype=torch.bool, device=generator.device)
+            flat[torch.randperm(n, generator=generator, device=generator.device)[:k]] = True
+            mask = flat.to(info.param.device)
+        masks[name] = mask.view(info.shape)
+    return masks
+
+
+def masks_density(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of active entries over all masks together."""
+    active = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return active / total if total else 1.0
+
+
+def _dead_units(mask: torch.Tensor, keep_dim: int) -> torch.Tensor:
+    """Number of indices along ``keep_dim`` whose slice of the mask has no active entry."""
+    slices = mask.movedim(keep_dim, 0).reshape(mask.shape[keep_dim], -1)
+    return (~slices.any(dim=1)).sum()
+
+
+def mask_stats(
+    masks: Mapping[str, torch.Tensor],
+    initial: Optional[Mapping[str, torch.Tensor]],
+    layers: Mapping[str, LayerInfo],
+) -> dict[str, Any]:
+    """Figures for logs and ``summary.json``.
+
+    Keys: ``sparsity_actual`` (zeros / all sparsifiable weights), ``n_active``, ``n_total``,
+    ``layer_density`` (name -> density), ``turnover`` (fraction of the currently active positions
+    that were not active in ``initial``; ``None`` without it), ``dead_rows`` / ``dead_cols``
+    (output units with no incoming / input units with no outgoing active weight, summed over
+    layers) and their per-layer counts ``dead_rows_by_layer`` / ``dead_cols_by_layer``.
+    All counts are gathered into one tensor so a GPU run synchronises once.
+    """
+    names = list(masks)
+    rows = []
+    for name in names:
+        m = masks[name]
+        out_dim, in_dim = row_col_dims(layers[name])
+        new = (m & ~initial[name]).sum() if initial is not None else m.new_zeros((), dtype=torch.long)
+        rows.append(torch.stack([m.sum(), new, _dead_units(m, out_dim), _dead_units(m, in_dim)]))
+    counts = torch.stack(rows).cpu().tolist() if rows else []
+    by_name = dict(zip(names, counts))
+    n_total = sum(masks[n].numel() for n in names)
+    n_active = sum(c[0] for c in counts)
+    return {
+        "sparsity_actual": 1.0 - n_active / n_total if n_total else 0.0,
+        "n_active": n_active,
+        "n_total": n_total,
+        "layer_density": {n: by_name[n][0] / masks[n].numel() for n in names},
+        "turnover": (sum(c[1] for c in counts) / n_active if n_active else 0.0) if initial is not None else None,
+        "dead_rows": sum(c[2] for c in counts),
+        "dead_cols": sum(c[3] for c in counts),
+        "dead_rows_by_layer": {n: by_name[n][2] for n in names},
+        "dead_cols_by_layer": {n: by_name[n][3] for n in names},
+    }
+
+
+def to_float_masks(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Masks as 0/1 tensors of each parameter's dtype, in ``masks`` order, for :func:`apply_masks_`."""
+    return [masks[name].to(params[name].dtype) for name in masks]
+
+
+@torch.no_grad()
+def apply_masks_(params: Sequence[torch.Tensor], float_masks: Sequence[torch.Tensor]) -> None:
+    """Zero pruned weights in place: ``p *= m`` for every pair, as one fused multi-tensor op.
+
+    ``torch._foreach_mul_`` cost about 0.15% of a training step in our measurements, against
+    ~1.8% for a ``masked_fill_`` loop; keep the float masks around rather than converting per step.
+    """
+    if params:
+        torch._foreach_mul_(list(params), list(float_masks))

@@ -1,0 +1,119 @@
+"""Building everything a run needs, before its first step."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sparsebench.batches import HeldoutPool, TrainSampler, fixed_batches
+from sparsebench.config import MethodSpec, RunConfig, TrainingConfig
+from sparsebench.context import MetricsLog, Run
+from sparsebench.data import load_token_splits
+from sparsebench.errors import PluginError
+from sparsebench.flops import FlopsLedger
+from sparsebench.masks import sparsifiable_layers
+from sparsebench.models import build_model
+from sparsebench.plugins import HookTimer, Hooks, Registry, make_plugin_manager
+
+
+@dataclass
+class Setup:
+    run: Run
+    hooks: Hooks
+    sampler: TrainSampler
+    val_batches: list
+    test_batches: list
+    timer: HookTimer
+    keep_counts: bool
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PluginError("training.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on 2-D+ weights (not on norms and biases), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Tied embeddings appear once in model.parameters(), so no parameter is in two groups.
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, foreach=True)
+
+
+def instantiate(spec: MethodSpec, registry: Registry) -> tuple[str, Any]:
+    cls = registry.get(spec.name)
+    return spec.name, cls(cls.Config(**spec.config))
+
+
+def setup_run(
+    cfg: RunConfig,
+    registry: Registry,
+    out_dir: Path | None = None,
+    observers: Sequence[tuple[str, Any]] = (),
+) -> Setup:
+    t, d = cfg.training, cfg.data
+    seed_everything(cfg.seed)
+    device = resolve_device(t.device)
+    data = load_token_splits(d)
+
+    model = build_model(cfg.model, data.vocab_size, d.seq_len).to(device)
+    layers = sparsifiable_layers(model, cfg.sparsify.include, cfg.sparsify.exclude)
+    optimizer = make_optimizer(model, t)
+
+    # The held-out tail is cut off before sampling, so no training batch ever overlaps it.
+    n_heldout = int(len(data.train) * d.heldout_fraction)
+    train_tokens = data.train[: len(data.train) - n_heldout]
+    heldout = HeldoutPool(
+        fixed_batches(data.train[len(train_tokens):], d.seq_len, t.heldout_batch_size, t.heldout_batches, device)
+        if n_heldout > d.seq_len + 1 else []
+    )
+    sampler = TrainSampler(train_tokens, d.seq_len, t.batch_size, seed=cfg.seed, device=device)
+    eval_batch_size = t.eval_batch_size or t.batch_size
+    val_batches = fixed_batches(data.valid, d.seq_len, eval_batch_size, t.eval_batches, device)
+    test_batches = fixed_batches(data.test, d.seq_len, eval_batch_size, t.eval_batches, device)
+
+    plugins = [instantiate(cfg.method, registry)]
+    plugins += [instantiate(w, registry) for w in cfg.method.with_]
+    plugins += [instantiate(p, registry) for p in cfg.plugins]
+    timer = HookTimer()
+    pm = make_plugin_manager([*plugins, *observers], timer)
+
+    metrics = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None)
+    run = Run(
+        config=cfg,
+        model=model,
+        optimizer=optimizer,
+        sparsifiable={name: info.param for name, info in layers.items()},
+        layers=layers,
+        sparsity=cfg.sparsity,
+        total_steps=t.steps,
+        device=device,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        heldout=heldout,
+        ledger=FlopsLedger(model, d.seq_len, list(layers)),
+        data=data,
+        metrics=metrics,
+        out_dir=out_dir,
+        plugins=dict(plugins),
+    )
+    keep_counts = not any(getattr(p, "changes_density", False) for _, p in plugins)
+    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts)

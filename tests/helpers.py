@@ -1,0 +1,30 @@
+"""Small utilities shared by tests (not fixtures)."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from sparsebench.loop import train
+from sparsebench.plugins import load_registry
+from sparsebench.setup import setup_run
+from sparsebench.suites import expand_suite
+
+
+def registry_with(*classes):
+    """The installed methods plus ``classes``, registered as a package named 'tests'."""
+    module = types.ModuleType("test_plugins")
+    module.register_methods = lambda register: [register(c) for c in classes]
+    return load_registry(extra_modules=[(module, "tests 0")])
+
+
+def run_configs(path: Path, registry, **overrides):
+    return expand_suite(path, registry, overrides or None)[1]
+
+
+def train_config(cfg, registry, out_dir=None, observers=()):
+    setup = setup_run(cfg, registry, out_dir, observers)
+    try:
+        return setup, train(setup)
+    finally:
+        setup.run.metrics.close()

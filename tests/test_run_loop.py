@@ -1,0 +1,170 @@
+"""The training loop: hook order, determinism, masks kept, optimizer state reset."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsebench import hookimpl
+from sparsebench.methods import Method
+from tests.helpers import registry_with, run_configs, train_config
+
+
+class Recorder(Method):
+    """Records every hook call; swaps one weight per layer at step 4."""
+
+    name = "recorder"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = []
+
+    @hookimpl
+    def configure(self, run):
+        self.calls.append(("configure", None))
+
+    @hookimpl
+    def init_mask(self, run, model):
+        self.calls.append(("init_mask", None))
+        masks = {}
+        for name, p in run.sparsifiable.items():
+            m = torch.ones_like(p, dtype=torch.bool)
+            m.view(-1)[: p.numel() // 2] = False
+            masks[name] = m
+        return masks
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.calls.append(("on_train_start", run.step))
+
+    @hookimpl
+    def loss_terms(self, run, step, batch, outputs):
+        self.calls.append(("loss_terms", step))
+        return {"zero": outputs.logits.sum() * 0.0}
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        self.calls.append(("update_mask", step))
+        # The dense gradient is visible: pruned positions have non-zero gradients here.
+        name = next(iter(masks))
+        self.saw_dense_grad = bool((run.sparsifiable[name].grad[~masks[name]] != 0).any())
+        if step != 4:
+            return None
+        new = {}
+        for name, m in masks.items():
+            flat = m.clone().view(-1)
+            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
+            flat[off], flat[on] = True, False
+            new[name] = flat.view_as(m)
+        return new
+
+    @hookimpl
+    def on_mask_change(self, run, step, old, new):
+        self.calls.append(("on_mask_change", step))
+
+    @hookimpl
+    def before_optimizer_step(self, run, step):
+        self.calls.append(("before_optimizer_step", step))
+
+    @hookimpl
+    def after_optimizer_step(self, run, step):
+        self.calls.append(("after_optimizer_step", step))
+
+    @hookimpl
+    def on_evaluate(self, run, step, metrics):
+        self.calls.append(("on_evaluate", step))
+
+    @hookimpl
+    def on_run_end(self, run, summary):
+        self.calls.append(("on_run_end", None))
+        return {"recorder_calls": len(self.calls)}
+
+
+def _tiny(write_suite, **training):
+    base = {"steps": 6, "batch_size": 2, "lr": 3e-3, "warmup_steps": 0, "eval_every": 3,
+            "eval_batches": 1, "log_every": 2, "device": "cpu", **training}
+    return write_suite(training=base)
+
+
+def test_hooks_fire_in_documented_order_over_a_run(write_suite):
+    registry = registry_with(Recorder)
+    cfg = run_configs(_tiny(write_suite), registry)[0].model_copy(update={"method": _spec("recorder")})
+    setup, result = train_config(cfg, registry)
+    calls = setup.run.plugins["recorder"].calls
+    per_step = lambda s: [("loss_terms", s), ("update_mask", s)] + (
+        [("on_mask_change", s)] if s == 4 else []) + [("before_optimizer_step", s), ("after_optimizer_step", s)] + (
+        [("on_evaluate", s)] if s in (3, 6) else [])
+    expected = [("configure", None), ("init_mask", None), ("on_train_start", 0)]
+    for s in range(1, 7):
+        expected += per_step(s)
+    assert calls == expected
+
+
+def test_update_mask_sees_dense_gradients_and_pruned_weights_stay_zero(write_suite):
+    registry = registry_with(Recorder)
+    cfg = run_configs(_tiny(write_suite), registry)[0].model_copy(update={"method": _spec("recorder")})
+    setup, _ = train_config(cfg, registry)
+    run = setup.run
+    assert run.plugins["recorder"].saw_dense_grad
+    for name, p in run.sparsifiable.items():
+        assert torch.all(p[~run.masks[name]] == 0)
+        assert int(run.masks[name].sum()) == p.numel() - p.numel() // 2  # swaps keep the count
+
+
+class MomentProbe(Recorder):
+    """Looks at the optimizer state of the changed positions when on_mask_change fires."""
+
+    name = "moment_probe"
+
+    @hookimpl
+    def on_mask_change(self, run, step, old, new):
+        self.seen = {}
+        for name in new:
+            changed = old[name] != new[name]
+            state = run.optimizer.state[run.sparsifiable[name]]
+            self.seen[name] = (
+                int(changed.sum()),
+                float(state["exp_avg"][changed].abs().sum()),
+                float(state["exp_avg_sq"][changed].abs().sum()),
+                float(run.sparsifiable[name][changed].abs().sum()),
+                float(state["exp_avg_sq"][~changed].abs().sum()),
+            )
+
+
+def test_mask_change_resets_both_adam_moments_of_changed_positions(write_suite):
+    registry = registry_with(MomentProbe)
+    cfg = run_configs(_tiny(write_suite, eval_every=0), registry)[0]
+    setup, _ = train_config(cfg.model_copy(update={"method": _spec("moment_probe")}), registry)
+    seen = setup.run.plugins["moment_probe"].seen
+    assert seen
+    for n_changed, m1, m2, weights, untouched in seen.values():
+        assert n_changed == 2  # one pruned, one regrown
+        assert m1 == 0 and m2 == 0  # both moments, not only the first
+        assert weights == 0  # pruned zeroed, regrown starts at zero
+        assert untouched > 0  # the rest of the state is kept
+
+
+def test_same_seed_gives_identical_results_on_cpu(write_suite):
+    registry = registry_with()
+    cfg = [c for c in run_configs(_tiny(write_suite), registry) if c.method.name == "static"][0]
+    _, a = train_config(cfg, registry)
+    _, b = train_config(cfg, registry)
+    assert a.val_loss == b.val_loss and a.test_loss == b.test_loss
+    for name in a.run.masks:
+        assert torch.equal(a.run.masks[name], b.run.masks[name])
+        assert torch.equal(a.run.sparsifiable[name], b.run.sparsifiable[name])
+
+
+def test_different_seeds_draw_different_masks(write_suite):
+    registry = registry_with()
+    path = write_suite(seeds=[0, 1], methods=[{"static": {"distribution": "uniform"}}])
+    c0, c1 = run_configs(path, registry)
+    s0, _ = train_config(c0, registry)
+    s1, _ = train_config(c1, registry)
+    name = next(iter(s0.run.masks))
+    assert not torch.equal(s0.run.masks[name], s1.run.masks[name])
+
+
+def _spec(name):
+    from sparsebench.config import MethodSpec
+
+    return MethodSpec(name=name)
