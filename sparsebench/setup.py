@@ -64,6 +64,21 @@ def instantiate(spec: MethodSpec, registry: Registry) -> tuple[str, Any]:
     return spec.name, cls(cls.Config(**spec.config))
 
 
+def with_components(plugins: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Add the component plugins a composite method builds (``components() -> [(name, instance)]``).
+
+    A composite method (e.g. SparsAE) is one suite entry whose parts are separate plugins, each
+    registered on the run's manager under its own name (its state_dict saved under that name).
+    """
+    out = []
+    for name, plugin in plugins:
+        out.append((name, plugin))
+        components = getattr(plugin, "components", None)
+        if callable(components):
+            out += with_components(list(components()))
+    return out
+
+
 def setup_run(
     cfg: RunConfig,
     registry: Registry,
@@ -94,6 +109,7 @@ def setup_run(
     plugins = [instantiate(cfg.method, registry)]
     plugins += [instantiate(w, registry) for w in cfg.method.with_]
     plugins += [instantiate(p, registry) for p in cfg.plugins]
+    plugins = with_components(plugins)
     timer = HookTimer()
     pm = make_plugin_manager([*plugins, *observers], timer)
 
