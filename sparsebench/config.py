@@ -21,6 +21,9 @@ class SyntheticConfig(StrictModel):
 
     vocab_size: int = Field(128, ge=4, le=65535)
     branching: int = Field(8, ge=2, description="successors with non-zero probability per context")
+    candidates: Optional[int] = Field(
+        16, ge=2, description="possible next tokens per previous token (null: the whole vocabulary)"
+    )
     concentration: float = Field(0.5, gt=0, description="Dirichlet concentration of successor probabilities")
     train_tokens: PositiveInt = 1_000_000
     valid_tokens: PositiveInt = 65_536

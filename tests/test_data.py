@@ -308,3 +308,14 @@ def test_hf_missing_local_folder_is_named(tmp_path):
     cfg = DataConfig(dataset="hf", path=str(tmp_path / "absent"))
     with pytest.raises(DataError, match="data.path: folder not found"):
         load_token_splits(cfg, tmp_path / "cache")
+
+
+def test_synthetic_successors_of_a_context_come_from_the_previous_tokens_candidate_set():
+    from sparsebench.data import SyntheticChain
+
+    chain = SyntheticChain(vocab_size=32, branching=4, concentration=0.5, seed=3, candidates=8)
+    succ = chain.successors.reshape(32, 32, 4)  # [a, b, k]
+    for b in range(32):
+        reachable = set(succ[:, b, :].ravel().tolist())
+        assert len(reachable) <= 8  # the previous token alone narrows the next to its candidates
+    assert all(len(set(row)) == 4 for row in chain.successors.tolist())  # distinct successors

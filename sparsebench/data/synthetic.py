@@ -1,7 +1,10 @@
 """The embedded data source: a seeded sparse order-2 Markov chain with an exactly known entropy rate.
 
-Each context ``(a, b)`` of two tokens has ``branching`` distinct successors, drawn uniformly
-without replacement, whose probabilities are Dirichlet(``concentration``). The chain over context
+Each token ``b`` has a set of ``candidates`` possible next tokens; each context ``(a, b)`` of two
+tokens has ``branching`` distinct successors drawn without replacement from the set of ``b``,
+with Dirichlet(``concentration``) probabilities. The two levels give a curriculum that small
+models can climb: the previous token alone narrows the next to ``candidates`` tokens (a bigram
+model's share), the token before it to ``branching`` weighted ones (the floor). The chain over context
 pairs moves ``(a, b) -> (b, c)``; its stationary distribution ``pi`` is found by power iteration
 and the entropy rate is ``H = sum_ab pi(a, b) * H(p(. | a, b))`` nats per token, which is the
 loss floor of a perfect model of this data (up to the chain boundaries described in
@@ -23,7 +26,7 @@ from sparsebench.errors import DataError
 
 # Bump when the construction or sampling changes, so cached arrays from an older version are
 # never mistaken for the current ones (it is part of the cache key).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # V*V*K above this would need gigabytes for the transition table; refuse with a clear message.
 MAX_TRANSITIONS = 1 << 24
@@ -68,9 +71,12 @@ class SyntheticChain:
     """
 
     def __init__(self, vocab_size: int = 128, branching: int = 8, concentration: float = 0.5,
-                 seed: int = 1234) -> None:
-        if branching > vocab_size:
-            raise DataError(f"data.synthetic: branching ({branching}) exceeds vocab_size ({vocab_size})")
+                 seed: int = 1234, candidates: int | None = None) -> None:
+        candidates = vocab_size if candidates is None else candidates
+        if not branching <= candidates <= vocab_size:
+            raise DataError(
+                f"data.synthetic: need branching ({branching}) <= candidates ({candidates}) <= vocab_size ({vocab_size})"
+            )
         n_ctx = vocab_size * vocab_size
         if n_ctx * branching > MAX_TRANSITIONS:
             raise DataError(
@@ -79,13 +85,16 @@ class SyntheticChain:
             )
         self.vocab_size = vocab_size
         self.branching = branching
+        self.candidates = candidates
         self.concentration = concentration
         self.seed = seed
         # One child seed for the structure and one per split, so splits are independent streams
         # and the valid/test sets do not change when only train_tokens does.
         self._seeds = np.random.SeedSequence(seed).spawn(4)
         rng = np.random.default_rng(self._seeds[0])
-        self.successors = _distinct_successors(rng, n_ctx, vocab_size, branching)
+        follow = _distinct_successors(rng, vocab_size, vocab_size, candidates)  # [V, C] per previous token
+        picks = _distinct_successors(rng, n_ctx, candidates, branching)  # [V*V, K] indices into it
+        self.successors = follow[(np.arange(n_ctx) % vocab_size)[:, None], picks]
         probs = rng.dirichlet(np.full(branching, concentration), size=n_ctx)
         if not np.all(np.isfinite(probs)):
             raise DataError(f"data.synthetic: concentration {concentration} is too small to sample from")
@@ -100,7 +109,7 @@ class SyntheticChain:
     @classmethod
     def from_config(cls, cfg: SyntheticConfig) -> "SyntheticChain":
         """Build the chain described by a suite's ``data.synthetic`` section."""
-        return cls(cfg.vocab_size, cfg.branching, cfg.concentration, cfg.seed)
+        return cls(cfg.vocab_size, cfg.branching, cfg.concentration, cfg.seed, cfg.candidates)
 
     def step(self, dist: np.ndarray) -> np.ndarray:
         """One transition of a distribution over contexts: returns ``dist @ P``."""
