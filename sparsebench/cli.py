@@ -15,8 +15,9 @@ from rich.table import Table
 from sparsebench.errors import SparsebenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark sparse training of transformer LMs.")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `| tee`) is not wrapped at 80 columns: the table stays one row per line.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _fail(exc: Exception) -> None:

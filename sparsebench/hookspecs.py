@@ -159,8 +159,12 @@ def on_evaluate(run: "Run", step: int, metrics: Mapping[str, float]) -> None:
 def on_log(run: "Run", step: int, record: Mapping[str, Any]) -> None:
     """Observe a metrics record just written to ``metrics.jsonl``.
 
-    For observers (progress displays, external loggers); costs nothing unless implemented.
-    Returns nothing.
+    :param record: the step's record (``step``, ``loss``, ``lr``, ``tokens_per_s``, ``val_ppl``, …
+        and everything plugins logged through ``run.log``).
+
+    Called at the end of every step that logged something: every ``training.log_every`` steps,
+    after evaluations, and whenever a plugin called ``run.log``. For observers (progress displays,
+    external loggers); costs nothing unless implemented. Returns nothing.
     """
 
 

@@ -139,7 +139,7 @@ def _finished_summary(run_dir: Path) -> Optional[dict]:
 def print_table(console: Console, table, title: str, floor: Optional[float]) -> None:
     rich_table = Table(title=title + (f" — synthetic floor exp(H) = {floor:.3f}" if floor else ""))
     for col in table.columns:
-        rich_table.add_column(str(col), overflow="fold")
+        rich_table.add_column(str(col), no_wrap=col in ("method", "model"), overflow="fold")
     for _, row in table.iterrows():
         style = "red" if str(row.get("status", "ok")) != "ok" else None
         rich_table.add_row(*[str(v) for v in row.values], style=style)

@@ -125,7 +125,7 @@ class MomentProbe(Recorder):
                 int(changed.sum()),
                 float(state["exp_avg"][changed].abs().sum()),
                 float(state["exp_avg_sq"][changed].abs().sum()),
-                float(run.sparsifiable[name][changed].abs().sum()),
+                float(run.sparsifiable[name].detach()[changed].abs().sum()),
                 float(state["exp_avg_sq"][~changed].abs().sum()),
             )
 
@@ -168,3 +168,41 @@ def _spec(name):
     from sparsebench.config import MethodSpec
 
     return MethodSpec(name=name)
+
+
+class LogObserver(Method):
+    name = "log_observer"
+    observer = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.records = []
+
+    @hookimpl
+    def on_log(self, run, step, record):
+        self.records.append(dict(record))
+
+
+def test_on_log_observes_every_record_written_to_metrics_jsonl(write_suite, tmp_path):
+    import json
+
+    registry = registry_with(LogObserver)
+    cfg = run_configs(_tiny(write_suite), registry)[1]
+    observer = LogObserver()
+    setup, _ = train_config(cfg, registry, out_dir=tmp_path, observers=[("log_observer", observer)])
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert observer.records == lines
+    assert [r["step"] for r in lines if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in lines if "val_ppl" in r] == [3, 6]
+    # observers are not counted in the method's overhead
+    assert "log_observer" not in setup.timer.seconds
+
+
+def test_gradient_accumulation_keeps_schedules_in_optimizer_steps(write_suite):
+    registry = registry_with(Recorder)
+    cfg = run_configs(_tiny(write_suite, grad_accum=3, eval_every=0), registry)[0]
+    setup, _ = train_config(cfg.model_copy(update={"method": _spec("recorder")}), registry)
+    calls = setup.run.plugins["recorder"].calls
+    assert [s for h, s in calls if h == "update_mask"] == [1, 2, 3, 4, 5, 6]
+    assert [s for h, s in calls if h == "loss_terms"] == [s for s in range(1, 7) for _ in range(3)]
+    assert setup.run.ledger.tokens == 6 * 3 * 2 * 16  # steps × accum × batch × seq_len
