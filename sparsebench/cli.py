@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -40,21 +41,82 @@ def run(
     suite: Path = typer.Argument(..., help="suite YAML file"),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="results folder; the suite writes to OUT/<suite name>/"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key, e.g. --set training.steps=50"),
-    fresh: bool = typer.Option(False, "--fresh", help="re-run runs that already have results"),
+    fresh: bool = typer.Option(False, "--fresh", help="start every run from scratch, ignoring results and checkpoints already there"),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", min=1,
+        help="train on N ranks through the DeepSpeed launcher (deepspeed --num_gpus N); the suite needs distributed.backend: deepspeed",
+    ),
 ) -> None:
-    """Run every run of SUITE and print the comparison table."""
+    """Run every run of SUITE and print the comparison table.
+
+    Re-running the same command skips finished runs and resumes the others from their last checkpoint.
+
+    Ctrl-C stops after writing a checkpoint of the current step (training.checkpoint_every sets how often).
+    """
     from sparsebench.runner import run_suite
 
+    if gpus is not None:
+        _launch(gpus, suite, out, set_, fresh)
     try:
         outcome = run_suite(suite, out, overrides=_parse_sets(set_), fresh=fresh, console=console)
     except SparsebenchError as exc:
         _fail(exc)
         return
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, suite, out, set_)
     if outcome.skipped:
         console.print(f"{outcome.skipped} run(s) already had results and were skipped (--fresh re-runs them).")
     if outcome.failed:
         err_console.print(f"[bold red]{len(outcome.failed)} run(s) failed[/]; see error.log in their folders.")
         raise typer.Exit(1)
+
+
+def _launch(gpus: int, suite: Path, out: Path, sets: Optional[List[str]], fresh: bool) -> None:
+    """Re-run this command on ``gpus`` ranks under the DeepSpeed launcher; exit with its status."""
+    import subprocess
+
+    from sparsebench.distributed import check_runs, launcher_command
+    from sparsebench.plugins import load_registry
+    from sparsebench.suites import expand_suite
+
+    try:
+        suite_cfg, runs = expand_suite(suite, load_registry(), _parse_sets(sets))
+        check_runs(runs)
+        if suite_cfg.distributed.backend != "deepspeed":
+            raise SparsebenchError(
+                f"--gpus: suite '{suite_cfg.name}' has distributed.backend '{suite_cfg.distributed.backend}'; "
+                "set distributed: {backend: deepspeed} (or --set distributed.backend=deepspeed)"
+            )
+        args = ["run", str(suite), "--out", str(out), *[a for s in sets or [] for a in ("--set", s)]]
+        command = launcher_command(gpus, args + (["--fresh"] if fresh else []))
+    except SparsebenchError as exc:
+        _fail(exc)
+        return
+    raise typer.Exit(subprocess.call(command))
+
+
+@app.callback()
+def main(
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Benchmark sparse training of transformer LMs."""
+    # The DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK says the same.
+
+
+def _interrupted(exc: KeyboardInterrupt, suite: Path, out: Path, sets: Optional[List[str]]) -> None:
+    """Ctrl-C: say where the run stopped and the exact command that resumes it; exit 130."""
+    from sparsebench.checkpoint import RunInterrupted
+
+    if isinstance(exc, RunInterrupted):
+        where = f" after step {exc.step} of run {exc.run_id}" + (f"; checkpoint {exc.checkpoint}" if exc.checkpoint else "")
+    else:
+        where = " (runs with a checkpoint resume from it)"
+    command = ["sparsebench", "run", str(suite), "--out", str(out)]
+    for item in sets or []:
+        command += ["--set", item]
+    err_console.print(f"interrupted{where}.", highlight=False, soft_wrap=True)
+    err_console.print(f"resume with: {shlex.join(command)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -65,11 +127,13 @@ def validate(
 ) -> None:
     """Check SUITE without training: keys, methods, options, models, data files."""
     from sparsebench.plugins import load_registry
+    from sparsebench.distributed import check_runs
     from sparsebench.runner import prepare_data
     from sparsebench.suites import expand_suite
 
     try:
         suite_cfg, runs = expand_suite(suite, load_registry(), _parse_sets(set_))
+        check_runs(runs)  # distributed: the DeepSpeed config
         if data:
             prepare_data(runs, console)
     except SparsebenchError as exc:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from sparsebench.checkpoint import Checkpointer, LoopState
 from sparsebench.context import Run, perplexity
+from sparsebench.distributed import make_trainer
 from sparsebench.errors import SparsebenchError
 from sparsebench.mask_updates import MaskUpkeep, apply_mask_change, validate_masks
 from sparsebench.memory import PeakMemory
@@ -78,8 +80,15 @@ def complete_masks(run: Run, initial: Optional[dict]) -> dict[str, torch.Tensor]
     }
 
 
-def train(setup: Setup, on_step: Optional[Callable[[int, dict], None]] = None) -> LoopResult:
+def train(
+    setup: Setup,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+    checkpoints: Optional[Checkpointer] = None,
+) -> LoopResult:
+    """Train ``setup``'s run. ``checkpoints``: where and whether to resume (default: a fresh start,
+    checkpoints written to ``run.out_dir`` when it is set)."""
     run, hooks, t = setup.run, setup.hooks, setup.run.config.training
+    checkpoints = checkpoints or Checkpointer(setup)
     timings, memory, upkeep = Timings(), PeakMemory(run.device), MaskUpkeep(run.sparsifiable)
     method_name = run.config.method.name
     started = time.perf_counter()
@@ -92,7 +101,16 @@ def train(setup: Setup, on_step: Optional[Callable[[int, dict], None]] = None) -
     upkeep.set_masks(masks)
     upkeep.mask_weights()
     initial_masks = {n: m.clone() for n, m in masks.items()}
+    prior_peak = 0
+    resumed = checkpoints.start()  # a resumed run: every state as it was at the checkpoint's step
+    if resumed is not None:
+        initial_masks, prior_peak, timings = resumed.initial_masks, resumed.peak_memory_bytes, Timings(**resumed.timings)
+        started = time.perf_counter() - timings.total_s  # wall times add up over the segments
+        upkeep.set_masks(run.masks)
     densities = {n: run.density(n) for n in run.masks}
+    ds = make_trainer(setup, checkpoints)  # DeepSpeed engine (None in one process); copies the masked weights
+    if ds:
+        ds.set_masks(run.masks)
     hooks.on_train_start(run=run)
 
     run.model.train()
@@ -104,43 +122,63 @@ def train(setup: Setup, on_step: Optional[Callable[[int, dict], None]] = None) -
         lr = set_lr(run.optimizer, step, t)
 
         ce_total, terms_total = 0.0, {}
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             batch = setup.sampler.next()
             with autocast_context(run):
                 outputs = run.model(input_ids=batch["input_ids"])
                 ce = cross_entropy(outputs.logits, batch["labels"])
             terms = hooks.loss_terms(run=run, step=step, batch=batch, outputs=outputs)
             loss = ce + sum(terms.values()) if terms else ce
-            (loss / t.grad_accum).backward()
+            if ds:
+                ds.backward(loss, last=micro == t.grad_accum - 1)
+            else:
+                (loss / t.grad_accum).backward()
             ce_total += float(ce.detach()) / t.grad_accum  # a device sync: needed for the NaN check anyway
             for k, v in terms.items():
                 terms_total[k] = terms_total.get(k, 0.0) + float(v.detach()) / t.grad_accum
+        if ds:
+            ce_total, terms_total = ds.global_mean(ce_total, terms_total)
         if not math.isfinite(ce_total) or not all(map(math.isfinite, terms_total.values())):
             raise NonFiniteLoss(f"loss became non-finite at step {step} (cross-entropy {ce_total}, terms {terms_total})")
 
-        change = hooks.update_mask(run=run, step=step, masks=run.masks)
+        with ds.dense_grads() if ds else contextlib.nullcontext():
+            change = hooks.update_mask(run=run, step=step, masks=run.masks)
+        if ds:
+            change = ds.agree(change)  # rank 0's decision on every rank
         if change:
             old = {n: run.masks[n] for n in change}
             validate_masks(change, run.sparsifiable, old, method_name, setup.keep_counts)
             changed = apply_mask_change(run.optimizer, run.sparsifiable, old, change)
+            if ds:
+                ds.reset_state(old, change)
             run.masks = {**run.masks, **change}
             upkeep.set_masks(run.masks)
             densities = {n: run.density(n) for n in run.masks}
             run.log(mask_changed=sum(changed.values()))
             hooks.on_mask_change(run=run, step=step, old=old, new=dict(change))
+            if ds:
+                ds.set_masks(run.masks)
+                ds.adopt_weight_edits(change)  # the weights as the harness and the plugins left them
 
         upkeep_start = time.perf_counter()
         upkeep.mask_grads()
+        if ds:
+            ds.mask_grads()
         timings.upkeep_s += time.perf_counter() - upkeep_start
-        if t.grad_clip:
+        if t.grad_clip and not ds:  # under DeepSpeed, ds.step() clips
             grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip))
         hooks.before_optimizer_step(run=run, step=step)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        if ds:
+            grad_norm = ds.step()
+        else:
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
         upkeep_start = time.perf_counter()
         upkeep.mask_weights()
         timings.upkeep_s += time.perf_counter() - upkeep_start
         hooks.after_optimizer_step(run=run, step=step)
+        if ds and ds.edits_after_step:
+            ds.adopt_weight_edits()
 
         run.ledger.add_step(tokens_per_step, densities)
         timings.step_s += time.perf_counter() - step_start
@@ -165,6 +203,9 @@ def train(setup: Setup, on_step: Optional[Callable[[int, dict], None]] = None) -
             _validate(run, setup, step)
             timings.eval_s += time.perf_counter() - eval_start
         _flush(run, setup, step, on_step)
+        if checkpoints.due(step):  # every checkpoint_every steps, at the last step, after Ctrl-C
+            checkpoints.save(_loop_state(initial_masks, timings, started, memory, prior_peak))
+        checkpoints.stop_if_interrupted()
 
     eval_start = time.perf_counter()
     val_loss = _validate(run, setup, run.step)
@@ -173,7 +214,12 @@ def train(setup: Setup, on_step: Optional[Callable[[int, dict], None]] = None) -
     timings.eval_s += time.perf_counter() - eval_start
     timings.total_s = time.perf_counter() - started
     memory.sample()
-    return LoopResult(run, initial_masks, val_loss, test_loss, timings, memory.peak_bytes())
+    return LoopResult(run, initial_masks, val_loss, test_loss, timings, max(prior_peak, memory.peak_bytes()))
+
+
+def _loop_state(initial_masks: dict, timings: Timings, started: float, memory: PeakMemory, prior_peak: int) -> LoopState:
+    totals = {**asdict(timings), "total_s": time.perf_counter() - started}
+    return LoopState(initial_masks, totals, max(prior_peak, memory.peak_bytes()))
 
 
 def _overall_density(run: Run) -> float:

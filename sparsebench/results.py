@@ -28,6 +28,13 @@ SUMMARY_KEYS = [
 ]
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (``mkstemp`` makes it private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +44,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,10 +59,19 @@ def atomic_write_bytes_via(path: Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) a killed writer left in ``folder``."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:

@@ -6,14 +6,17 @@ import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from sparsebench.checkpoint import InterruptGuard
 from sparsebench.config import RunConfig
 from sparsebench.data import load_token_splits
+from sparsebench.distributed import broadcast_object, follow_run, is_rank0, join_if_needed, rank0_first, resolve_run_config
+from sparsebench.distributed_checkpoints import make_checkpointer
 from sparsebench.errors import SparsebenchError
 from sparsebench.loop import train
 from sparsebench.plugins import Registry, load_registry
@@ -22,6 +25,7 @@ from sparsebench.results import (
     atomic_write_bytes_via,
     entropy_floor,
     read_summaries,
+    remove_stale_temporaries,
     write_json,
     write_run_config,
     write_suite_tables,
@@ -48,18 +52,36 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def execute_run(cfg: RunConfig, registry: Registry, run_dir: Path, observers: list = ()) -> dict[str, Any]:
-    """Train one run into ``run_dir``; any exception becomes a ``failed`` summary."""
+def execute_run(
+    cfg: RunConfig,
+    registry: Registry,
+    run_dir: Path,
+    observers: list = (),
+    resume: bool = True,
+    notify: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Train one run into ``run_dir``; any exception becomes a ``failed`` summary.
+
+    ``resume``: continue from the newest usable checkpoint in ``run_dir`` (else start fresh);
+    ``False`` discards checkpoints there. Ctrl-C stops at the end of a step, after a checkpoint,
+    with :class:`~sparsebench.checkpoint.RunInterrupted`. ``notify`` gets the resume decisions.
+    """
+    cfg = resolve_run_config(cfg)  # DeepSpeed: the batch split and clipping it really trains with
+    if not is_rank0():
+        return follow_run(cfg, registry, run_dir, resume)  # other ranks train alongside and write nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir / "config.yaml", cfg.model_dump(mode="json", by_alias=True))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh start never appends to a stale log
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run truncates it to its checkpoint
     setup = None
     try:
         setup = setup_run(cfg, registry, run_dir, observers)
-        result = train(setup)
+        with InterruptGuard() as interrupt:
+            result = train(setup, checkpoints=make_checkpointer(setup, run_dir, resume, notify, interrupt))
         summary = build_summary(setup, result)
         masks = {n: m.cpu() for n, m in setup.run.masks.items()}
         atomic_write_bytes_via(run_dir / "masks.pt", lambda tmp: torch.save(masks, tmp))
+        (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier, failed attempt
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -95,8 +117,13 @@ def run_suite(
     registry = registry or load_registry()
     suite, runs = expand_suite(path, registry, overrides)
     suite_dir = Path(out) / suite.name
+    join_if_needed(runs)  # under a DeepSpeed launch: every rank runs this function in step
+    if not is_rank0():
+        console = Console(quiet=True)
     suite_dir.mkdir(parents=True, exist_ok=True)
-    prepare_data(runs, console)
+    remove_stale_temporaries(suite_dir)  # a table a killed writer never renamed into place
+    with rank0_first():  # tokenises into the shared cache once
+        prepare_data(runs, console)
     outcome = SuiteOutcome(suite, suite_dir)
     console.print(f"[bold]{suite.name}[/]: {len(runs)} runs → {suite_dir}")
 
@@ -104,7 +131,7 @@ def run_suite(
         suite_task = progress.add_task(f"suite {suite.name}", total=len(runs), info="")
         for cfg in runs:
             run_dir = suite_dir / cfg.run_id
-            done = _finished_summary(run_dir)
+            done = broadcast_object(_finished_summary(run_dir))  # rank 0 decides for every rank
             if done is not None and not fresh:
                 outcome.summaries.append(done)
                 outcome.skipped += 1
@@ -113,14 +140,17 @@ def run_suite(
             progress.update(suite_task, info=cfg.run_id)
             observer = RunProgress(progress, f"{cfg.method.display} s={cfg.sparsity:g} seed={cfg.seed}")
             try:
-                summary = execute_run(cfg, registry, run_dir, [("progress", observer)])
+                summary = execute_run(cfg, registry, run_dir, [("progress", observer)], resume=not fresh,
+                                      notify=lambda line: progress.console.print(line, highlight=False))
             finally:
                 observer.close()
             outcome.summaries.append(summary)
-            write_suite_tables(suite_dir, suite.name)  # after every run: a kill never loses finished ones
+            if is_rank0():
+                write_suite_tables(suite_dir, suite.name)  # after every run: a kill never loses finished ones
             progress.advance(suite_task)
-    table = write_suite_tables(suite_dir, suite.name)
-    print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir)))
+    if is_rank0():
+        table = write_suite_tables(suite_dir, suite.name)
+        print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir)))
     return outcome
 
 

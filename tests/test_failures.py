@@ -1,0 +1,193 @@
+"""Failure isolation: a run that raises or diverges is recorded as failed, the others go on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sparsebench import hookimpl
+from sparsebench.checkpoint import list_checkpoints
+from sparsebench.cli import app
+from sparsebench.methods import Method
+from sparsebench.runner import run_suite
+from tests.conftest import TINY_SUITE
+from tests.helpers import registry_with
+
+CORE_HOOKS = ["init_mask", "update_mask", "loss_terms", "on_mask_change"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning ones cost a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class RaiserConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hook: Literal["init_mask", "update_mask", "loss_terms", "on_mask_change"] = "init_mask"
+
+
+class Raiser(Method):
+    """Raises in the configured core hook at step 2 (``init_mask``: at once)."""
+
+    name = "raiser"
+    Config = RaiserConfig
+
+    def _maybe_raise(self, hook: str, step: int = 2) -> None:
+        if self.config.hook == hook and step == 2:
+            raise RuntimeError(f"boom in {hook}")
+
+    @hookimpl
+    def init_mask(self, run, model):
+        self._maybe_raise("init_mask")
+        masks = {}
+        for name, p in run.sparsifiable.items():
+            mask = torch.ones(p.numel(), dtype=torch.bool)
+            mask[: p.numel() // 2] = False
+            masks[name] = mask.view_as(p)
+        return masks
+
+    @hookimpl
+    def loss_terms(self, run, step, batch, outputs):
+        self._maybe_raise("loss_terms", step)
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        self._maybe_raise("update_mask", step)
+        if self.config.hook != "on_mask_change" or step != 2:
+            return None
+        new = {}
+        for name, mask in masks.items():  # swap one pruned and one active position
+            flat = mask.clone().view(-1)
+            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
+            flat[off], flat[on] = True, False
+            new[name] = flat.view_as(mask)
+        return new
+
+    @hookimpl
+    def on_mask_change(self, run, step, old, new):
+        self._maybe_raise("on_mask_change", step)
+
+
+class NanMaker(Method):
+    """Writes NaN into the embedding after step 3, so the loss of step 4 is NaN."""
+
+    name = "nan_maker"
+
+    @hookimpl
+    def after_optimizer_step(self, run, step):
+        if step == 3:
+            with torch.no_grad():
+                run.model.get_input_embeddings().weight.fill_(float("nan"))
+
+
+@pytest.fixture(scope="module")
+def failing_suite(tmp_path_factory):
+    """One suite run through the CLI: dense, a run raising in each core hook, one diverging, static."""
+    tmp_path = tmp_path_factory.mktemp("failing")
+    registry = registry_with(Raiser, NanMaker)
+    suite = {
+        **TINY_SUITE,
+        "training": {**TINY_SUITE["training"], "steps": 5},
+        "methods": ["dense"] + [{"raiser": {"hook": h, "label": f"raise-{h}"}} for h in CORE_HOOKS]
+                   + ["nan_maker", {"static": {"distribution": "erk"}}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sparsebench.runner.load_registry", lambda: registry)
+        mp.setenv("SPARSEBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "sparsebench-cache"))
+        result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
+    summaries = {s["label"]: s for s in map(json.loads, map(Path.read_text, (tmp_path / "out" / "tiny").glob("*/summary.json")))}
+    return result, summaries, tmp_path / "out" / "tiny"
+
+
+def test_the_command_exits_non_zero_when_a_run_failed(failing_suite):
+    result, _, _ = failing_suite
+    assert result.exit_code == 1, result.output
+    assert "5 run(s) failed" in result.output
+
+
+def test_runs_around_failing_ones_complete(failing_suite):
+    _, summaries, _ = failing_suite
+    assert len(summaries) == 7
+    for label in ("dense", "static"):  # before and after the failing ones
+        assert summaries[label]["status"] == "ok" and summaries[label]["val_ppl"] > 1
+
+
+@pytest.mark.parametrize("hook", CORE_HOOKS)
+def test_an_exception_in_a_core_hook_fails_the_run_naming_plugin_and_hook(failing_suite, hook):
+    _, summaries, suite_dir = failing_suite
+    summary = summaries[f"raise-{hook}"]
+    assert summary["status"] == "failed"
+    assert summary["error"] == f"HookError: plugin 'raiser' raised in hook '{hook}': RuntimeError: boom in {hook}"
+    log = (suite_dir / summary["run_id"] / "error.log").read_text()
+    assert log.startswith("Traceback") and f"boom in {hook}" in log
+
+
+def test_a_non_finite_loss_fails_the_run_with_its_step(failing_suite):
+    _, summaries, suite_dir = failing_suite
+    summary = summaries["nan_maker"]
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("NonFiniteLoss: loss became non-finite at step 4 (cross-entropy nan")
+    assert "\n" not in summary["error"]
+    assert "Traceback" in (suite_dir / summary["run_id"] / "error.log").read_text()
+
+
+def test_the_table_shows_failed_runs(failing_suite):
+    result, summaries, suite_dir = failing_suite
+    rows = {line.split("|")[1].strip(): line for line in (suite_dir / "table.md").read_text().splitlines()[4:]}
+    assert "FAILED (1/1): HookError: plugin 'raiser' raised in hook 'loss_terms'" in rows["raise-loss_terms"]
+    assert "FAILED (1/1): NonFiniteLoss" in rows["nan_maker"]
+    assert rows["dense"].rstrip(" |").endswith("ok") and rows["static"].rstrip(" |").endswith("ok")
+    assert result.output.count("FAILED") >= 5  # the printed table too
+    csv = (suite_dir / "summary.csv").read_text()
+    assert csv.count(",failed,") == 5
+
+
+class Flaky(Method):
+    """Raises at step 5 while its flag file exists (a transient failure: a full disk, a lost GPU)."""
+
+    name = "flaky"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        flag: str = ""
+
+    @hookimpl
+    def after_optimizer_step(self, run, step):
+        if step == 5 and Path(self.config.flag).exists():
+            raise OSError("transient trouble")
+
+
+def test_a_failed_run_is_rerun_from_its_last_checkpoint_and_matches_an_unbroken_one(tmp_path):
+    registry = registry_with(Flaky)
+    flag = tmp_path / "flag"
+    suite = {**TINY_SUITE, "training": {**TINY_SUITE["training"], "steps": 8, "checkpoint_every": 2},
+             "methods": [{"flaky": {"flag": str(flag)}}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    quiet = Console(quiet=True)
+    flag.touch()
+    (failed,) = run_suite(path, tmp_path / "out", registry, console=quiet).summaries
+    run_dir = tmp_path / "out" / "tiny" / failed["run_id"]
+    assert failed["status"] == "failed" and (run_dir / "error.log").exists()
+    assert [s for s, _ in list_checkpoints(run_dir)] == [4]
+    flag.unlink()
+    (resumed,) = run_suite(path, tmp_path / "out", registry, console=quiet).summaries
+    assert resumed["status"] == "ok" and not (run_dir / "error.log").exists()
+    assert "resumed from ckpt-00000004.pt" in (run_dir / "resume.log").read_text()
+    (unbroken,) = run_suite(path, tmp_path / "unbroken", registry, console=quiet).summaries
+    for key in ("val_loss", "test_loss", "train_flops", "layer_density", "sparsity_actual"):
+        assert resumed[key] == unbroken[key]
