@@ -37,7 +37,8 @@ def configure(run: "Run") -> None:
     :param run: the run context; ``run.model``, ``run.optimizer``, ``run.sparsifiable`` and the
         data exist, ``run.masks`` is still empty.
 
-    Called once per run, before :func:`init_mask`. Use it to allocate state (an EMA copy, mask
+    Called once per run, before :func:`init_mask` (again on a resumed run, before the
+    checkpoint's state replaces the plugin's). Use it to allocate state (an EMA copy, mask
     scores), add parameter groups to ``run.optimizer`` (the learning-rate schedule covers every
     group, including ones added here) or register forward hooks on ``run.model``.
     Returns nothing.
@@ -54,7 +55,8 @@ def init_mask(run: "Run", model: "torch.nn.Module") -> Optional[Mapping[str, "to
         names of ``run.sparsifiable`` (missing names stay dense), or ``None`` to pass to the next
         plugin. If every plugin passes, the model starts dense.
 
-    Called once, before the first step. *firstresult*. The harness validates the masks (names,
+    Called once, before the first step (again on a resumed run, whose checkpointed masks then
+    replace the result). *firstresult*. The harness validates the masks (names,
     shapes, dtype) and zeroes the pruned weights.
     """
 

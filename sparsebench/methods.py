@@ -36,7 +36,12 @@ class Method:
         self.config = config if config is not None else type(self).Config()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue exactly (tensors, numbers, lists)."""
+        """Everything a resumed run needs to continue exactly.
+
+        Checkpoints load with ``torch.load(weights_only=True)``: use tensors, numbers, strings,
+        bools, None, lists, tuples and dicts only (no numpy arrays, no objects). Tensors come
+        back on the device they were saved from.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

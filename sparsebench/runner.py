@@ -17,7 +17,6 @@ from sparsebench.config import RunConfig
 from sparsebench.data import load_token_splits
 from sparsebench.distributed import broadcast_object, follow_run, is_rank0, join_if_needed, rank0_first, resolve_run_config
 from sparsebench.distributed_checkpoints import make_checkpointer
-from sparsebench.errors import SparsebenchError
 from sparsebench.loop import train
 from sparsebench.plugins import Registry, load_registry
 from sparsebench.progress import RunProgress, make_progress
