@@ -318,7 +318,7 @@ def check_compatible(setup: Setup, state: dict[str, Any], name: str) -> None:
         )
 
 
-def _truncate_metrics(setup: Setup, offset: int) -> None:
+def truncate_metrics(setup: Setup, offset: int) -> None:
     path = setup.run.metrics.path
     if path is not None and path.exists() and path.stat().st_size > offset:
         # The log is open in append mode, so later records land at the new end.
@@ -346,7 +346,7 @@ def apply_checkpoint(setup: Setup, state: dict[str, Any]) -> LoopState:
     run.step = int(state["step"])
     # what configure/init_mask logged again belongs to no step; the checkpoint's pending values do
     run.metrics.pending = dict(state["metrics_pending"])
-    _truncate_metrics(setup, int(state["metrics_offset"]))
+    truncate_metrics(setup, int(state["metrics_offset"]))
     restore_rng(setup, state["rng"])  # last: nothing above may draw from a restored generator
     return LoopState(initial, dict(state["timings"]), int(state["peak_memory_bytes"]))
 
@@ -461,7 +461,7 @@ class Checkpointer:
             return loop
         for _, path in list_checkpoints(self.run_dir):
             remove_checkpoint(path)
-        _truncate_metrics(self.setup, 0)
+        truncate_metrics(self.setup, 0)
         return None
 
     def due(self, step: int) -> bool:

@@ -20,7 +20,7 @@ from sparsebench.checkpoint import (
     Checkpointer,
     InterruptGuard,
     LoopState,
-    _truncate_metrics,
+    truncate_metrics,
     apply_checkpoint,
     capture,
     check_compatible,
@@ -93,7 +93,7 @@ class DeepSpeedCheckpointer(Checkpointer):
             return str(path)
         for _, path in list_checkpoints(self.run_dir):
             remove_checkpoint(path)
-        _truncate_metrics(self.setup, 0)
+        truncate_metrics(self.setup, 0)
         return None
 
     def attach(self, trainer: DeepSpeedTrainer) -> None:

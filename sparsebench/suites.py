@@ -243,6 +243,7 @@ def expand_suite(path: Path, registry: Registry, overrides: Optional[dict[str, A
         suite = suite or validated
         _check_model(validated.model, where)
         _check_data_files(validated.data, path, where)
+        _check_distributed_file(validated.distributed, path, where)
         methods = [parse_method(m, f"{where}: methods[{i}]", registry) for i, m in enumerate(validated.methods)]
         plugins = [parse_method(p, f"{where}: plugins[{i}]", registry) for i, p in enumerate(validated.plugins)]
         for spec in methods:
@@ -273,15 +274,23 @@ def _check_model(model: Any, where: str) -> None:
         raise SuiteError(f"{where}: model: {exc}") from None
 
 
+def _resolve_file(value: Path, suite_path: Path, key: str, where: str) -> Path:
+    """A path of the suite: relative ones are read from the suite's folder (or the working directory)."""
+    resolved = value if value.is_absolute() else (suite_path.parent / value)
+    if not resolved.exists() and value.exists():
+        resolved = value  # relative to the working directory
+    if not resolved.exists():
+        raise SuiteError(f"{where}: {key}: file not found: {value} (relative paths are read from {suite_path.parent})")
+    return resolved.resolve()
+
+
 def _check_data_files(data: DataConfig, suite_path: Path, where: str) -> None:
-    """Resolve relative data paths against the suite's folder and refuse missing files."""
     for key in ("train", "valid", "test", "file"):
         value = getattr(data, key)
-        if value is None:
-            continue
-        resolved = value if value.is_absolute() else (suite_path.parent / value)
-        if not resolved.exists() and value.exists():
-            resolved = value  # relative to the working directory
-        if not resolved.exists():
-            raise SuiteError(f"{where}: data.{key}: file not found: {value} (relative paths are read from {suite_path.parent})")
-        setattr(data, key, resolved.resolve())
+        if value is not None:
+            setattr(data, key, _resolve_file(value, suite_path, f"data.{key}", where))
+
+
+def _check_distributed_file(distributed: DistributedConfig, suite_path: Path, where: str) -> None:
+    if isinstance(distributed.config, Path):
+        distributed.config = _resolve_file(distributed.config, suite_path, "distributed.config", where)

@@ -119,3 +119,14 @@ def test_unknown_model_preset_is_refused_with_presets_listed(write_suite, regist
 
 def test_empty_methods_is_refused(write_suite, registry):
     assert "methods" in _error(write_suite(methods=[]), registry)
+
+
+def test_relative_deepspeed_config_path_is_read_from_the_suite_folder(write_suite, registry, tmp_path):
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
+    _, runs = expand_suite(write_suite(distributed={"backend": "deepspeed", "config": "ds.json"}), registry)
+    assert runs[0].distributed.config == (tmp_path / "ds.json").resolve()
+
+
+def test_missing_deepspeed_config_file_is_refused(write_suite, registry):
+    message = _error(write_suite(distributed={"backend": "deepspeed", "config": "nope.json"}), registry)
+    assert "distributed.config" in message and "nope.json" in message
