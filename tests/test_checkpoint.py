@@ -40,15 +40,6 @@ from tests.helpers import registry_with, run_configs
 STEPS, EVERY = 12, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning ones cost a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Churn(Method):
     """Draws from every random source and keeps state that steers training.
 

@@ -24,15 +24,6 @@ from tests.helpers import registry_with
 CORE_HOOKS = ["init_mask", "update_mask", "loss_terms", "on_mask_change"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning ones cost a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class RaiserConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hook: Literal["init_mask", "update_mask", "loss_terms", "on_mask_change"] = "init_mask"

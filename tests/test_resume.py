@@ -35,14 +35,6 @@ from tests.conftest import TINY_SUITE
 from tests.test_checkpoint import assert_same_final_state, final_state, metrics_records, reference, train_in  # noqa: F401
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning ones cost a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # --------------------------------------------------------------------------------------------
 # in process
 # --------------------------------------------------------------------------------------------
