@@ -274,13 +274,18 @@ def run_launch(make_command, clean: list[Path], timeout: float = 900) -> subproc
     About one launch in fifty was seen to abort at exit after all its work was done.
     ``make_command()`` is called per attempt (each takes a fresh port).
     """
+    outputs = []
     for attempt in (1, 2):
         proc = subprocess.run(make_command(), cwd=REPO, env=_launch_env(), capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0:
             return proc
+        outputs.append(f"attempt {attempt} (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         for path in clean:
-            shutil.rmtree(path, ignore_errors=True)
-    raise AssertionError(f"launch failed twice (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)  # e.g. the crash marker: a file, which rmtree would leave
+    raise AssertionError("launch failed twice:\n" + "\n".join(outputs))
 
 
 @pytest.fixture(scope="module")
