@@ -120,7 +120,8 @@ def run_suite(
     if not is_rank0():
         console = Console(quiet=True)
     suite_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(suite_dir)  # a table a killed writer never renamed into place
+    if is_rank0():  # rank 0 alone writes tables, so only its own leftovers can be stale
+        remove_stale_temporaries(suite_dir)  # a table a killed writer never renamed into place
     with rank0_first():  # tokenises into the shared cache once
         prepare_data(runs, console)
     outcome = SuiteOutcome(suite, suite_dir)
