@@ -119,12 +119,7 @@ def keep_top_global(
     keep = torch.zeros_like(joined, dtype=torch.bool)
     if k > 0:
         keep[torch.topk(joined, int(k), largest=True, sorted=False).indices] = True
-    out, start = {}, 0
-    for name in names:
-        n = scores[name].numel()
-        out[name] = keep[start : start + n].view_as(scores[name])
-        start += n
-    return out
+    return _split_like(keep, scores)
 
 
 def drop_lowest_global(
@@ -142,11 +137,15 @@ def drop_lowest_global(
     k = min(int(k), int(keep.sum()))
     if k > 0:
         keep[torch.topk(joined, k, largest=False, sorted=False).indices] = False
+    return _split_like(keep, {n: masks[n] for n in names})
+
+
+def _split_like(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut a tensor of the layers concatenated in ``like``'s order back into per-layer views."""
     out, start = {}, 0
-    for name in names:
-        n = masks[name].numel()
-        out[name] = keep[start : start + n].view_as(masks[name])
-        start += n
+    for name, tensor in like.items():
+        out[name] = flat[start : start + tensor.numel()].view_as(tensor)
+        start += tensor.numel()
     return out
 
 

@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.masks import random_masks
 from sparsebench.methods import Method
 from sparsebench_plugins._dst import (
     changed_only,
@@ -18,7 +17,7 @@ from sparsebench_plugins._dst import (
     grow_highest,
     update_due,
 )
-from sparsebench_plugins.static import layer_densities
+from sparsebench_plugins.static import random_start
 
 DENSE_GRAD = "rigl_dense_grad"
 
@@ -58,8 +57,7 @@ class RigL(Method):
 
     @hookimpl
     def init_mask(self, run, model):
-        densities = layer_densities(self.config.distribution, run.layers, run.sparsity, self.config.erk_power_scale)
-        return random_masks(run.layers, densities, run.generator)
+        return random_start(run, self.config.distribution, self.config.erk_power_scale)
 
     @hookimpl
     def update_mask(self, run, step, masks):

@@ -9,10 +9,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.masks import random_masks
 from sparsebench.methods import Method
 from sparsebench_plugins._dst import changed_only, drop_lowest, fraction_step, grow_random, update_due
-from sparsebench_plugins.static import layer_densities
+from sparsebench_plugins.static import random_start
 
 
 class SETConfig(BaseModel):
@@ -63,8 +62,7 @@ class SET(Method):
 
     @hookimpl
     def init_mask(self, run, model):
-        densities = layer_densities(self.config.distribution, run.layers, run.sparsity)
-        return random_masks(run.layers, densities, run.generator)
+        return random_start(run, self.config.distribution)
 
     @hookimpl
     def update_mask(self, run, step, masks):

@@ -20,6 +20,12 @@ def layer_densities(distribution: str, layers, sparsity: float, power_scale: flo
     raise ValueError(f"unknown distribution '{distribution}'. Allowed: uniform, erk, er")
 
 
+def random_start(run, distribution: str, power_scale: float = 1.0) -> dict:
+    """Random masks at ``run.sparsity`` with the layer densities of ``distribution``, drawn from
+    ``run.generator``: the initial masks of every method that starts from a random sparse mask."""
+    return random_masks(run.layers, layer_densities(distribution, run.layers, run.sparsity, power_scale), run.generator)
+
+
 class StaticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     distribution: Literal["uniform", "erk", "er"] = Field(
@@ -39,5 +45,4 @@ class Static(Method):
 
     @hookimpl
     def init_mask(self, run, model):
-        densities = layer_densities(self.config.distribution, run.layers, run.sparsity, self.config.erk_power_scale)
-        return random_masks(run.layers, densities, run.generator)
+        return random_start(run, self.config.distribution, self.config.erk_power_scale)

@@ -26,7 +26,7 @@ from sparsebench.config import (
     StrictModel,
     TrainingConfig,
 )
-from sparsebench.errors import ModelError, PluginError, SuiteError
+from sparsebench.errors import ModelError, SuiteError
 from sparsebench.plugins import Registry, unknown_name_message
 
 SUITE_VERSION = 1

@@ -26,12 +26,10 @@ TINY_SUITE = {
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models gain nothing from threads, and spinning ones cost a lot on a busy machine."""
-    import torch
+    from sparsebench.conformance import single_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

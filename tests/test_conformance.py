@@ -20,7 +20,6 @@ from sparsebench.conformance import (
     check_state_dict,
     check_updates,
     run_kit,
-    single_thread,
 )
 from sparsebench.masks import random_masks, uniform_densities
 from sparsebench.methods import Method
@@ -34,12 +33,6 @@ from sparsebench_plugins.static import Static
 
 pytest_plugins = ["pytester"]
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 # ------------------------------------------------------------------------------ first-party methods
 

@@ -6,16 +6,9 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
-from sparsebench.conformance import single_thread, tiny_setup
+from sparsebench.conformance import tiny_setup
 from sparsebench.loop import train
 from sparsebench_plugins.gmp import GMP, GMPConfig, GMPSchedule
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 
 def zhu_gupta(t, s_i, s_f, t0, n, delta_t):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
-from sparsebench.conformance import single_thread, start_run, tiny_setup
+from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
 from sparsebench_plugins._dst import keep_top_global
 from sparsebench_plugins.gumbel import (
@@ -20,13 +20,6 @@ from sparsebench_plugins.gumbel import (
     GumbelConfig,
     GumbelMask,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 
 class Owner:

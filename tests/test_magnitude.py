@@ -7,16 +7,9 @@ import torch
 from torch.nn.utils import prune
 
 from sparsebench import hookimpl
-from sparsebench.conformance import single_thread, tiny_setup
+from sparsebench.conformance import tiny_setup
 from sparsebench.loop import train
 from sparsebench_plugins.magnitude import Magnitude
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 
 class Probe:

@@ -9,18 +9,11 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
-from sparsebench.conformance import single_thread, start_run, tiny_setup
+from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
 from sparsebench.masks import erk_densities
 from sparsebench_plugins._dst import cosine_drop_fraction
 from sparsebench_plugins.rigl import DENSE_GRAD, RigL, rigl_update
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 
 def test_drop_fraction_is_half_alpha_times_one_plus_cosine():

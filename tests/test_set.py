@@ -8,19 +8,12 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
-from sparsebench.conformance import single_thread, start_run, tiny_setup
+from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
 from sparsebench.masks import LayerInfo, er_densities
 from sparsebench_plugins._dst import grow_random, update_due
 from sparsebench_plugins.set_method import SET, set_drop
 from sparsebench_plugins.static import Static
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores (see single_thread)."""
-    with single_thread():
-        yield
 
 
 def _layer(n_pos=50, n_neg=30, n_inactive=20, seed=0):

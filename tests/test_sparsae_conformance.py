@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import io
 
-import pytest
 import torch
 
 from sparsebench.conformance import MethodConformance, _first_difference, single_thread, start_run, tiny_setup
 from sparsebench_plugins.sparsae import BurnIn, EmaDistill, KaimingRegrow, MaskSearch, SparsAE
 
 KIT_OVERRIDES = {"mask_update_every": 3, "p_mutate": 0.02, "lambda_": 3}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with single_thread():
-        yield
 
 
 class TestSparsAEConformance(MethodConformance):

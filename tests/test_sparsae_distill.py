@@ -8,17 +8,9 @@ import math
 import pytest
 import torch
 
-from sparsebench.conformance import single_thread
 from sparsebench.summary import build_summary
 from sparsebench_plugins.sparsae.distill import DistillConfig, EmaDistill, alpha_at, ema_decay, kl_student_teacher
 from tests.helpers import run_configs, train_config
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores."""
-    with single_thread():
-        yield
-
 
 TRAINING = {"steps": 6, "batch_size": 2, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
             "log_every": 1, "device": "cpu", "heldout_batches": 2, "heldout_batch_size": 2}

@@ -13,17 +13,9 @@ from sparsebench.errors import HookError
 from sparsebench.loop import cross_entropy
 from sparsebench.methods import Method
 from sparsebench.setup import setup_run
-from sparsebench.conformance import single_thread
 from sparsebench.summary import build_summary
 from sparsebench_plugins.sparsae.search import active_counts
 from tests.helpers import registry_with, run_configs, train_config
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only contends for the cores."""
-    with single_thread():
-        yield
-
 
 TRAINING = {"steps": 2, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
             "log_every": 2, "device": "cpu", "heldout_batches": 4, "heldout_batch_size": 4}

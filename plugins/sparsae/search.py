@@ -34,13 +34,12 @@ from sparsebench import hookimpl
 from sparsebench.context import perplexity
 from sparsebench.errors import PluginError
 from sparsebench.loop import autocast_context, cross_entropy
-from sparsebench.masks import random_masks
 from sparsebench.methods import Method
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow
 from sparsebench_plugins.sparsae.swaps import Candidate, apply_swaps, count_bounds, revert_swaps, sample_mutant
 from sparsebench_plugins.sparsae.triggers import AdaptiveBounds, Stagnation
-from sparsebench_plugins.static import layer_densities
+from sparsebench_plugins.static import random_start
 
 
 def active_counts(masks: dict) -> dict[str, int]:
@@ -130,7 +129,7 @@ class MaskSearch(Method):
 
     @hookimpl
     def init_mask(self, run, model):
-        return random_masks(run.layers, layer_densities(self.config.distribution, run.layers, run.sparsity), run.generator)
+        return random_start(run, self.config.distribution)
 
     def planned_updates(self, run) -> int:
         return run.total_steps // self.config.mask_update_every
