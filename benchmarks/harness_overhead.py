@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from sparsebench.config import MethodSpec, RunConfig, TrainingConfig, DataConfig
 from sparsebench.loop import train
-from sparsebench.plugins import load_registry
+from sparsebench.registry import load_registry
 from sparsebench.schedule import set_lr
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 
 
 def run_config(model: str, steps: int, method: MethodSpec, sparsity: float, batch: int, seq_len: int) -> RunConfig:

@@ -22,8 +22,8 @@ from pathlib import Path
 from sparsebench.config import MethodSpec
 from sparsebench.loop import train
 from sparsebench.memory import _read_status_kib
-from sparsebench.plugins import load_registry
-from sparsebench.setup import setup_run
+from sparsebench.registry import load_registry
+from sparsebench.run_setup import setup_run
 from sparsebench.suites import expand_suite
 from sparsebench.summary import build_summary
 

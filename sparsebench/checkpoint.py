@@ -42,7 +42,7 @@ import torch
 
 from sparsebench.errors import PluginError, SparsebenchError
 from sparsebench.results import atomic_write_text, file_mode, remove_stale_temporaries
-from sparsebench.setup import Setup
+from sparsebench.run_setup import Setup
 
 FORMAT_VERSION = 1
 RESUME_LOG = "resume.log"

@@ -76,7 +76,7 @@ def _launch(gpus: int, suite: Path, out: Path, sets: Optional[List[str]], fresh:
     import subprocess
 
     from sparsebench.distributed import check_runs, launcher_command
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
     from sparsebench.suites import expand_suite
 
     try:
@@ -126,7 +126,7 @@ def validate(
     data: bool = typer.Option(False, "--data", help="also load and tokenise the data sources"),
 ) -> None:
     """Check SUITE without training: keys, methods, options, models, data files."""
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
     from sparsebench.distributed import check_runs
     from sparsebench.runner import prepare_data
     from sparsebench.suites import expand_suite
@@ -147,7 +147,7 @@ def validate(
 @app.command()
 def methods() -> None:
     """List every registered method: package, version, hooks and options with defaults."""
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
 
     try:
         registry = load_registry()

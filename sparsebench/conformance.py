@@ -108,8 +108,8 @@ def tiny_run_config(
 def tiny_setup(method_cls: type, overrides: Optional[dict] = None, observers=(), **kwargs):
     """A :class:`~sparsebench.setup.Setup` of a tiny run (nothing called yet); ``kwargs`` go to
     :func:`tiny_run_config`. The method instance is ``setup.run.plugins[method_cls.name]``."""
-    from sparsebench.plugins import Registry
-    from sparsebench.setup import setup_run
+    from sparsebench.registry import Registry
+    from sparsebench.run_setup import setup_run
 
     registry = Registry()
     for cls in (method_cls, *kwargs.get("plugins", ())):
@@ -121,7 +121,7 @@ def start_run(setup) -> None:
     """Do what the loop does before step 1 (``configure``, ``init_mask``, apply the masks), so a
     test can call a method's hooks directly on ``setup.run``."""
     from sparsebench.loop import complete_masks
-    from sparsebench.mask_updates import MaskUpkeep, validate_masks
+    from sparsebench.engines.mask_ops import MaskUpkeep, validate_masks
 
     run = setup.run
     setup.hooks.configure(run=run)

@@ -10,7 +10,7 @@ from typing import Any, Optional, TextIO
 
 import torch
 
-from sparsebench.batches import HeldoutPool
+from sparsebench.data.batches import HeldoutPool
 from sparsebench.config import RunConfig
 
 

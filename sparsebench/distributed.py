@@ -689,7 +689,7 @@ def follow_run(cfg: RunConfig, registry: Any, run_dir: Path, resume: bool = True
 
     setup = None
     try:
-        from sparsebench.setup import setup_run
+        from sparsebench.run_setup import setup_run
 
         setup = setup_run(cfg, registry, None, ())
         with InterruptGuard() as interrupt:

@@ -9,16 +9,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from sparsebench.checkpoint import Checkpointer, LoopState
 from sparsebench.context import Run, perplexity
 from sparsebench.distributed import make_trainer
 from sparsebench.errors import SparsebenchError
-from sparsebench.mask_updates import MaskUpkeep, apply_mask_change, validate_masks
+from sparsebench.losses import autocast_context, cross_entropy
+from sparsebench.engines.mask_ops import MaskUpkeep, apply_mask_change, validate_masks
 from sparsebench.memory import PeakMemory
 from sparsebench.schedule import set_lr
-from sparsebench.setup import Setup
+from sparsebench.run_setup import Setup
 
 
 class NonFiniteLoss(SparsebenchError):
@@ -42,17 +42,6 @@ class LoopResult:
     timings: Timings
     peak_memory_bytes: int
     extra_summary: dict[str, Any] = field(default_factory=dict)
-
-
-def autocast_context(run: Run):
-    dtype = run.config.training.dtype
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=getattr(torch, dtype))
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
 
 
 @torch.no_grad()

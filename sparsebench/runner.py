@@ -18,7 +18,7 @@ from sparsebench.data import load_token_splits
 from sparsebench.distributed import broadcast_object, follow_run, is_rank0, join_if_needed, rank0_first, resolve_run_config
 from sparsebench.distributed_checkpoints import make_checkpointer
 from sparsebench.loop import train
-from sparsebench.plugins import Registry, load_registry
+from sparsebench.registry import Registry, load_registry
 from sparsebench.progress import RunProgress, make_progress
 from sparsebench.results import (
     atomic_write_bytes_via,
@@ -29,7 +29,7 @@ from sparsebench.results import (
     write_run_config,
     write_suite_tables,
 )
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 from sparsebench.suites import SuiteConfig, expand_suite
 from sparsebench.summary import build_summary, failed_summary
 

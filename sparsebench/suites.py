@@ -27,7 +27,7 @@ from sparsebench.config import (
     TrainingConfig,
 )
 from sparsebench.errors import ModelError, SuiteError
-from sparsebench.plugins import Registry, unknown_name_message
+from sparsebench.registry import Registry, unknown_name_message
 
 SUITE_VERSION = 1
 

@@ -11,7 +11,7 @@ from sparsebench.flops import forward_flops
 from sparsebench.loop import LoopResult
 from sparsebench.masks import mask_stats
 from sparsebench.results import versions
-from sparsebench.setup import Setup
+from sparsebench.run_setup import Setup
 
 
 def _model_name(model: Any) -> str:

@@ -54,6 +54,6 @@ def write_suite(tmp_path):
 
 @pytest.fixture
 def registry():
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
 
     return load_registry()

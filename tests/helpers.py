@@ -6,8 +6,8 @@ import types
 from pathlib import Path
 
 from sparsebench.loop import train
-from sparsebench.plugins import load_registry
-from sparsebench.setup import setup_run
+from sparsebench.registry import load_registry
+from sparsebench.run_setup import setup_run
 from sparsebench.suites import expand_suite
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.loop import autocast_context
+from sparsebench.losses import autocast_context
 from sparsebench.methods import Method
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sparsebench import hookimpl
 from sparsebench.context import perplexity
 from sparsebench.errors import PluginError
-from sparsebench.loop import autocast_context, cross_entropy
+from sparsebench.losses import autocast_context, cross_entropy
 from sparsebench.methods import Method
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow

@@ -33,7 +33,7 @@ from sparsebench.errors import PluginError
 from sparsebench.loop import train
 from sparsebench.masks import random_masks, uniform_densities
 from sparsebench.methods import Method
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 from tests.conftest import TINY_SUITE
 from tests.helpers import registry_with, run_configs
 

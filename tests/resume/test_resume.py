@@ -1,6 +1,6 @@
 """Resuming: a run stopped at any point (SIGKILL, Ctrl-C) and re-run ends with the same numbers.
 
-In-process tests resume the reference run of tests/test_checkpoint.py (a method drawing from
+In-process tests resume the reference run of tests/resume/test_checkpoint.py (a method drawing from
 every random source, dropout on); subprocess tests kill the real ``sparsebench run`` command.
 """
 
@@ -30,9 +30,9 @@ from sparsebench.checkpoint import Checkpointer, InterruptGuard, RunInterrupted,
 from sparsebench.loop import train
 from sparsebench.results import comparison_table, remove_stale_temporaries, render_markdown, summaries_frame, write_json, write_suite_tables
 from sparsebench.runner import run_suite
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 from tests.conftest import TINY_SUITE
-from tests.test_checkpoint import assert_same_final_state, final_state, metrics_records, reference, train_in  # noqa: F401
+from tests.resume.test_checkpoint import assert_same_final_state, final_state, metrics_records, reference, train_in  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ import yaml
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[test,deepspeed]'")
 
 from sparsebench import distributed  # noqa: E402
-from sparsebench.batches import TrainSampler  # noqa: E402
+from sparsebench.data.batches import TrainSampler  # noqa: E402
 from sparsebench.config import DistributedConfig  # noqa: E402
 from sparsebench.distributed import DistributedError, RankSlice, check_ds_config, resolve_batch, resolve_run_config  # noqa: E402
 from tests.conftest import TINY_SUITE  # noqa: E402
-from tests.deepspeed_worker import CrashOnce, RankDump, SwapDST  # noqa: E402
+from tests.engines.deepspeed_worker import CrashOnce, RankDump, SwapDST  # noqa: E402
 from tests.helpers import registry_with, run_configs, train_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STAGES = (0, 1, 2)
 #: (label, suite entry) of the methods trained on two ranks
 METHODS = [
@@ -86,7 +86,7 @@ def _suite(stage: int, methods: list, dump_dir: Path, name: str, backend: str = 
 
 
 def _available_methods() -> list[tuple[str, object]]:
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
 
     names = set(load_registry().names()) | {"swap-dst"}
     return [(label, entry) for label, entry in METHODS if label in names]
@@ -247,7 +247,7 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(tmp_path):
 
 
 def test_plugin_parameters_outside_the_model_are_refused_at_zero_stage_1(tmp_path):
-    from sparsebench.plugins import load_registry
+    from sparsebench.registry import load_registry
 
     if "gumbel" not in load_registry().names():
         pytest.skip("the gumbel method is not in this checkout")
@@ -308,7 +308,7 @@ def two_ranks(tmp_path_factory):
     (root / "bf16.yaml").write_text(yaml.safe_dump(bf16))
     suites.append(root / "bf16.yaml")
     args = [*map(str, suites), "--resume-suite", str(resume), "--out", str(root / "out")]
-    command = lambda: distributed.launcher_command(2, args, module="tests.deepspeed_worker")  # noqa: E731
+    command = lambda: distributed.launcher_command(2, args, module="tests.engines.deepspeed_worker")  # noqa: E731
     run_launch(command, [root / "out", root / "dump", root / "crashed"])
     return {"root": root, "methods": [label for label, _ in methods]}
 

@@ -10,7 +10,7 @@ import torch
 from sparsebench.checkpoint import Checkpointer
 from sparsebench.conformance import single_thread
 from sparsebench.loop import train
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 from tests.helpers import run_configs
 
 TRAINING = {"steps": 12, "batch_size": 2, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,

@@ -162,8 +162,8 @@ def test_the_sparsity_loss_pushes_scores_down():
 def _checkpointed(run_dir, resume):
     from sparsebench.checkpoint import Checkpointer
     from sparsebench.conformance import tiny_run_config
-    from sparsebench.plugins import Registry
-    from sparsebench.setup import setup_run
+    from sparsebench.registry import Registry
+    from sparsebench.run_setup import setup_run
 
     cfg = tiny_run_config(Gumbel, steps=16, sparsity=0.8)
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(

@@ -17,7 +17,7 @@ import yaml
 from sparsebench import hookspecs
 from sparsebench.errors import HookError, PluginError
 from sparsebench.methods import Method
-from sparsebench.plugins import load_registry, make_plugin_manager
+from sparsebench.registry import load_registry, make_plugin_manager
 from tests.conftest import TINY_SUITE
 
 THIRD_PARTY_METHOD = '''

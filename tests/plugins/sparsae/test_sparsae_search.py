@@ -10,9 +10,9 @@ import torch
 
 from sparsebench import hookimpl
 from sparsebench.errors import HookError
-from sparsebench.loop import cross_entropy
+from sparsebench.losses import cross_entropy
 from sparsebench.methods import Method
-from sparsebench.setup import setup_run
+from sparsebench.run_setup import setup_run
 from sparsebench.summary import build_summary
 from sparsebench_plugins.sparsae.search import active_counts
 from tests.helpers import registry_with, run_configs, train_config

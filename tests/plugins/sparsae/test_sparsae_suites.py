@@ -9,7 +9,7 @@ import pytest
 from sparsebench.errors import SuiteError
 from sparsebench.suites import expand_suite
 
-SUITES = Path(__file__).parents[1] / "suites"
+SUITES = Path(__file__).parents[3] / "suites"
 
 
 def test_smoke_suite_runs_sparsae_with_mask_updates_inside_its_steps(registry):

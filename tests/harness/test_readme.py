@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.helpers import registry_with, run_configs, train_config
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 
 

@@ -1,4 +1,4 @@
-"""Launched by tests/test_deepspeed.py as ``deepspeed --num_gpus 2 --module tests.deepspeed_worker
+"""Launched by tests/engines/test_deepspeed.py as ``deepspeed --num_gpus 2 --module tests.engines.deepspeed_worker
 SUITE... --out OUT``: runs each suite on every rank and dumps what each rank holds after training.
 
 The suites name test plugins registered here: ``swap-dst`` (a mask-changing method that uses the

@@ -131,5 +131,5 @@ def test_unreachable_hub_dataset_is_refused_before_training_with_local_advice(tm
 
 
 def test_validate_lists_the_runs_of_a_valid_suite():
-    result = sb("validate", Path(__file__).parents[1] / "suites" / "smoke.yaml")
+    result = sb("validate", Path(__file__).parents[2] / "suites" / "smoke.yaml")
     assert result.returncode == 0 and "ok" in result.stdout and "dense" in result.stdout

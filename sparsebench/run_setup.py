@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sparsebench.batches import HeldoutPool, TrainSampler, fixed_batches
+from sparsebench.data.batches import HeldoutPool, TrainSampler, fixed_batches
 from sparsebench.config import MethodSpec, RunConfig, TrainingConfig
 from sparsebench.context import MetricsLog, Run
 from sparsebench.data import load_token_splits
@@ -18,7 +18,7 @@ from sparsebench.errors import PluginError
 from sparsebench.flops import FlopsLedger
 from sparsebench.masks import sparsifiable_layers
 from sparsebench.models import build_model
-from sparsebench.plugins import HookTimer, Hooks, Registry, make_plugin_manager
+from sparsebench.registry import HookTimer, Hooks, Registry, make_plugin_manager
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""How a training step is executed: the local engine and the DeepSpeed engine."""
