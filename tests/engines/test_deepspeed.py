@@ -32,10 +32,11 @@ import yaml
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[test,deepspeed]'")
 
-from sparsebench import distributed  # noqa: E402
-from sparsebench.data.batches import TrainSampler  # noqa: E402
 from sparsebench.config import DistributedConfig  # noqa: E402
-from sparsebench.distributed import DistributedError, RankSlice, check_ds_config, resolve_batch, resolve_run_config  # noqa: E402
+from sparsebench.data.batches import TrainSampler  # noqa: E402
+from sparsebench.engines.collectives import DistributedError, launcher_command  # noqa: E402
+from sparsebench.engines.deepspeed_config import check_ds_config, load_ds_config, resolve_batch, resolve_run_config  # noqa: E402
+from sparsebench.engines.sampling import RankSlice  # noqa: E402
 from tests.conftest import TINY_SUITE  # noqa: E402
 from tests.engines.deepspeed_worker import CrashOnce, RankDump, SwapDST  # noqa: E402
 from tests.helpers import registry_with, run_configs, train_config  # noqa: E402
@@ -138,7 +139,7 @@ def test_resolved_config_trains_the_global_batch_and_takes_clipping_from_deepspe
 
 def test_missing_deepspeed_config_file_is_named():
     with pytest.raises(DistributedError, match="nowhere.json' not found"):
-        distributed.load_ds_config(DistributedConfig(backend="deepspeed", config="nowhere.json"))
+        load_ds_config(DistributedConfig(backend="deepspeed", config="nowhere.json"))
 
 
 def test_rank_slices_together_are_the_one_process_batch():
@@ -308,7 +309,7 @@ def two_ranks(tmp_path_factory):
     (root / "bf16.yaml").write_text(yaml.safe_dump(bf16))
     suites.append(root / "bf16.yaml")
     args = [*map(str, suites), "--resume-suite", str(resume), "--out", str(root / "out")]
-    command = lambda: distributed.launcher_command(2, args, module="tests.engines.deepspeed_worker")  # noqa: E731
+    command = lambda: launcher_command(2, args, module="tests.engines.deepspeed_worker")  # noqa: E731
     run_launch(command, [root / "out", root / "dump", root / "crashed"])
     return {"root": root, "methods": [label for label, _ in methods]}
 

@@ -26,7 +26,8 @@ import yaml
 from rich.console import Console
 
 from sparsebench import hookimpl
-from sparsebench.checkpoint import Checkpointer, InterruptGuard, RunInterrupted, list_checkpoints, read_checkpoint
+from sparsebench.checkpoints import Checkpointer, list_checkpoints, read_checkpoint
+from sparsebench.interrupts import InterruptGuard, RunInterrupted
 from sparsebench.loop import train
 from sparsebench.atomic import remove_stale_temporaries
 from sparsebench.results import comparison_table, render_markdown, summaries_frame, write_json, write_suite_tables
