@@ -247,6 +247,19 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(tmp_path):
     assert summaries["resumed"]["train_flops"] == summaries["straight"]["train_flops"]
 
 
+def test_at_zero_stage_0_before_optimizer_step_sees_gradients_already_clipped(tmp_path):
+    """Whole gradients on every rank: the engine clips them before the hook, as in one process."""
+    from tests.engines.test_local_engine import ClipWatcher
+
+    registry = registry_with(SwapDST, RankDump, ClipWatcher)
+    suite = _suite(0, ["dense"], tmp_path / "dump", "clip", plugins=({"clip-watcher": {}},), grad_clip=1e-3, steps=3)
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    setup, _ = train_config(resolve_run_config(run_configs(path, registry)[0]), registry)
+    norms = setup.run.plugins["clip-watcher"].norms
+    assert len(norms) == 3 and all(n == pytest.approx(1e-3, rel=1e-3) for n in norms), norms
+
+
 def test_plugin_parameters_outside_the_model_are_refused_at_zero_stage_1(tmp_path):
     from sparsebench.registry import load_registry
 
