@@ -75,7 +75,8 @@ def _launch(gpus: int, suite: Path, out: Path, sets: Optional[List[str]], fresh:
     """Re-run this command on ``gpus`` ranks under the DeepSpeed launcher; exit with its status."""
     import subprocess
 
-    from sparsebench.distributed import check_runs, launcher_command
+    from sparsebench.engines.collectives import launcher_command
+    from sparsebench.engines.deepspeed_config import check_runs
     from sparsebench.registry import load_registry
     from sparsebench.suites import expand_suite
 
@@ -105,7 +106,7 @@ def main(
 
 def _interrupted(exc: KeyboardInterrupt, suite: Path, out: Path, sets: Optional[List[str]]) -> None:
     """Ctrl-C: say where the run stopped and the exact command that resumes it; exit 130."""
-    from sparsebench.checkpoint import RunInterrupted
+    from sparsebench.interrupts import RunInterrupted
 
     if isinstance(exc, RunInterrupted):
         where = f" after step {exc.step} of run {exc.run_id}" + (f"; checkpoint {exc.checkpoint}" if exc.checkpoint else "")
@@ -127,7 +128,7 @@ def validate(
 ) -> None:
     """Check SUITE without training: keys, methods, options, models, data files."""
     from sparsebench.registry import load_registry
-    from sparsebench.distributed import check_runs
+    from sparsebench.engines.deepspeed_config import check_runs
     from sparsebench.runner import prepare_data
     from sparsebench.suites import expand_suite
 

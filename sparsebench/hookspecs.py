@@ -130,9 +130,15 @@ def on_mask_change(
 
 @hookspec
 def before_optimizer_step(run: "Run", step: int) -> None:
-    """Called right before ``optimizer.step()``, after gradient masking and clipping.
+    """Called right before the optimizer step, after gradient masking and clipping.
 
-    Gradients of pruned weights are zero here. Returns nothing.
+    Gradients of pruned weights are zero here, and clipped to ``training.grad_clip`` (global
+    norm) by the engine (``engine.clip_grads()`` runs just before this hook). One exception,
+    under DeepSpeed ZeRO-1/2: the gradients are partitioned over the ranks, so ``p.grad`` is
+    ``None`` here and DeepSpeed clips the partitions inside its step, after this hook (only
+    there is the global norm known together with fp16 loss scaling and its overflow check).
+    At ZeRO stage 0 the gradients are whole and clipped before this hook, as in one process.
+    Returns nothing.
     """
 
 

@@ -1,8 +1,11 @@
-"""The training loop. Every hook call is a visible one-liner, in the order a step runs them."""
+"""The training loop. Every hook call is a visible one-liner, in the order a step runs them.
+
+How a step is executed (backward, reductions, masking, clipping, the optimizer step) is the
+engine's business (:mod:`sparsebench.engines`); this loop reads the same on every engine.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,15 +13,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sparsebench.checkpoint import Checkpointer, LoopState
+from sparsebench.checkpoints import Checkpointer, LoopState
 from sparsebench.context import Run, perplexity
-from sparsebench.distributed import make_trainer
+from sparsebench.engines import make_engine
+from sparsebench.engines.mask_ops import validate_masks
 from sparsebench.errors import SparsebenchError
 from sparsebench.losses import autocast_context, cross_entropy
-from sparsebench.engines.mask_ops import MaskUpkeep, apply_mask_change, validate_masks
 from sparsebench.memory import PeakMemory
-from sparsebench.schedule import set_lr
 from sparsebench.run_setup import Setup
+from sparsebench.schedule import set_lr
 
 
 class NonFiniteLoss(SparsebenchError):
@@ -78,7 +81,8 @@ def train(
     checkpoints written to ``run.out_dir`` when it is set)."""
     run, hooks, t = setup.run, setup.hooks, setup.run.config.training
     checkpoints = checkpoints or Checkpointer(setup)
-    timings, memory, upkeep = Timings(), PeakMemory(run.device), MaskUpkeep(run.sparsifiable)
+    engine = make_engine(setup)  # how a step is executed: one process, or one rank of several
+    timings, memory = Timings(), PeakMemory(run.device)
     method_name = run.config.method.name
     started = time.perf_counter()
     memory.reset()
@@ -87,19 +91,19 @@ def train(
     masks = complete_masks(run, hooks.init_mask(run=run, model=run.model))
     validate_masks(masks, run.sparsifiable, None, method_name, keep_counts=False)
     run.masks = masks
-    upkeep.set_masks(masks)
-    upkeep.mask_weights()
+    engine.set_masks(masks)
+    engine.mask_weights()
     initial_masks = {n: m.clone() for n, m in masks.items()}
     prior_peak = 0
     resumed = checkpoints.start()  # a resumed run: every state as it was at the checkpoint's step
     if resumed is not None:
         initial_masks, prior_peak, timings = resumed.initial_masks, resumed.peak_memory_bytes, Timings(**resumed.timings)
         started = time.perf_counter() - timings.total_s  # wall times add up over the segments
-        upkeep.set_masks(run.masks)
+        engine.set_masks(run.masks)
     densities = {n: run.density(n) for n in run.masks}
-    ds = make_trainer(setup, checkpoints)  # DeepSpeed engine (None in one process); copies the masked weights
-    if ds:
-        ds.set_masks(run.masks)
+    engine.start()  # an engine that keeps its own copy of the weights takes the masked ones here
+    checkpoints.attach(engine)
+    sampler = engine.rank_sampler(setup.sampler)
     hooks.on_train_start(run=run)
 
     run.model.train()
@@ -112,62 +116,45 @@ def train(
 
         ce_total, terms_total = 0.0, {}
         for micro in range(t.grad_accum):
-            batch = setup.sampler.next()
+            batch = sampler.next()
             with autocast_context(run):
                 outputs = run.model(input_ids=batch["input_ids"])
                 ce = cross_entropy(outputs.logits, batch["labels"])
             terms = hooks.loss_terms(run=run, step=step, batch=batch, outputs=outputs)
             loss = ce + sum(terms.values()) if terms else ce
-            if ds:
-                ds.backward(loss, last=micro == t.grad_accum - 1)
-            else:
-                (loss / t.grad_accum).backward()
+            engine.backward(loss, last=micro == t.grad_accum - 1)
             ce_total += float(ce.detach()) / t.grad_accum  # a device sync: needed for the NaN check anyway
             for k, v in terms.items():
                 terms_total[k] = terms_total.get(k, 0.0) + float(v.detach()) / t.grad_accum
-        if ds:
-            ce_total, terms_total = ds.global_mean(ce_total, terms_total)
+        ce_total, terms_total = engine.mean_over_ranks(ce_total, terms_total)
         if not math.isfinite(ce_total) or not all(map(math.isfinite, terms_total.values())):
             raise NonFiniteLoss(f"loss became non-finite at step {step} (cross-entropy {ce_total}, terms {terms_total})")
 
-        with ds.dense_grads() if ds else contextlib.nullcontext():
+        with engine.dense_grads():  # p.grad: the full gradient of every sparsifiable weight
             change = hooks.update_mask(run=run, step=step, masks=run.masks)
-        if ds:
-            change = ds.agree(change)  # rank 0's decision on every rank
+        change = engine.agree(change)  # rank 0's decision on every rank
         if change:
             old = {n: run.masks[n] for n in change}
             validate_masks(change, run.sparsifiable, old, method_name, setup.keep_counts)
-            changed = apply_mask_change(run.optimizer, run.sparsifiable, old, change)
-            if ds:
-                ds.reset_state(old, change)
+            changed = engine.apply_mask_change(old, change)  # zeroes weights, resets optimizer moments
             run.masks = {**run.masks, **change}
-            upkeep.set_masks(run.masks)
+            engine.set_masks(run.masks)
             densities = {n: run.density(n) for n in run.masks}
             run.log(mask_changed=sum(changed.values()))
             hooks.on_mask_change(run=run, step=step, old=old, new=dict(change))
-            if ds:
-                ds.set_masks(run.masks)
-                ds.adopt_weight_edits(change)  # the weights as the harness and the plugins left them
+            engine.adopt_weight_edits(change)  # the weights as the harness and the plugins left them
 
         upkeep_start = time.perf_counter()
-        upkeep.mask_grads()
-        if ds:
-            ds.mask_grads()
+        engine.mask_grads()
         timings.upkeep_s += time.perf_counter() - upkeep_start
-        if t.grad_clip and not ds:  # under DeepSpeed, ds.step() clips
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip))
+        engine.clip_grads()
         hooks.before_optimizer_step(run=run, step=step)
-        if ds:
-            grad_norm = ds.step()
-        else:
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         upkeep_start = time.perf_counter()
-        upkeep.mask_weights()
+        engine.mask_weights()
         timings.upkeep_s += time.perf_counter() - upkeep_start
         hooks.after_optimizer_step(run=run, step=step)
-        if ds and ds.edits_after_step:
-            ds.adopt_weight_edits()
+        engine.adopt_weight_edits()  # e.g. a burn-in's rescaling after the step
 
         run.ledger.add_step(tokens_per_step, densities)
         timings.step_s += time.perf_counter() - step_start

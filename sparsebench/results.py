@@ -1,16 +1,14 @@
 """Results: ``summary.json`` per run, ``summary.csv`` and ``table.md`` per suite.
 
-Every file is written atomically (temporary file + rename): a kill at any instant leaves the old
-or the new file, never a torn one.
+Every file is written atomically (:mod:`sparsebench.atomic`): a kill at any instant leaves the
+old or the new file, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -18,6 +16,7 @@ import pandas as pd
 import yaml
 
 import sparsebench
+from sparsebench.atomic import atomic_write_text
 
 SUMMARY_KEYS = [
     "suite", "run_id", "method", "method_config", "model", "n_params", "n_sparsifiable",
@@ -26,40 +25,6 @@ SUMMARY_KEYS = [
     "inference_flops_vs_dense", "wall_time_s", "method_time_s", "overhead_frac",
     "peak_memory_bytes", "status", "error", "versions",
 ]
-
-
-def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (``mkstemp`` makes it private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes_via(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_bytes_via(path: Path, writer) -> None:
-    """``writer(tmp_path)`` writes the file; it is renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files (``.<name>.*.tmp``) a killed writer left in ``folder``."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:

@@ -12,23 +12,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sparsebench.checkpoint import InterruptGuard
+from sparsebench.atomic import atomic_write_via, remove_stale_temporaries
 from sparsebench.config import RunConfig
 from sparsebench.data import load_token_splits
-from sparsebench.distributed import broadcast_object, follow_run, is_rank0, join_if_needed, rank0_first, resolve_run_config
-from sparsebench.distributed_checkpoints import make_checkpointer
+from sparsebench.engines import make_checkpointer
+from sparsebench.engines.collectives import broadcast_object, is_rank0, rank, rank0_first
+from sparsebench.engines.deepspeed_config import join_if_needed, resolve_run_config, uses_deepspeed
+from sparsebench.interrupts import InterruptGuard
 from sparsebench.loop import train
-from sparsebench.registry import Registry, load_registry
 from sparsebench.progress import RunProgress, make_progress
-from sparsebench.results import (
-    atomic_write_bytes_via,
-    entropy_floor,
-    read_summaries,
-    remove_stale_temporaries,
-    write_json,
-    write_run_config,
-    write_suite_tables,
-)
+from sparsebench.registry import Registry, load_registry
+from sparsebench.results import entropy_floor, read_summaries, write_json, write_run_config, write_suite_tables
 from sparsebench.run_setup import setup_run
 from sparsebench.suites import SuiteConfig, expand_suite
 from sparsebench.summary import build_summary, failed_summary
@@ -63,33 +57,43 @@ def execute_run(
 
     ``resume``: continue from the newest usable checkpoint in ``run_dir`` (else start fresh);
     ``False`` discards checkpoints there. Ctrl-C stops at the end of a step, after a checkpoint,
-    with :class:`~sparsebench.checkpoint.RunInterrupted`. ``notify`` gets the resume decisions.
+    with :class:`~sparsebench.interrupts.RunInterrupted`. ``notify`` gets the resume decisions.
+
+    Under a multi-rank launch every rank calls this: rank 0 writes the run's files; the other
+    ranks train alongside it (a run of the local engine is trained by rank 0 alone), write
+    nothing but ``error-rank<r>.log`` when they fail, and return an unwritten summary.
     """
-    cfg = resolve_run_config(cfg)  # DeepSpeed: the batch split and clipping it really trains with
-    if not is_rank0():
-        return follow_run(cfg, registry, run_dir, resume)  # other ranks train alongside and write nothing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(run_dir / "config.yaml", cfg.model_dump(mode="json", by_alias=True))
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run truncates it to its checkpoint
+    cfg = resolve_run_config(cfg)  # a multi-rank engine: the batch split and clipping it really trains with
+    writer = is_rank0()
+    if not writer and not uses_deepspeed(cfg):
+        return {"status": "ok", "note": "trained by rank 0 alone"}
+    error_log = run_dir / ("error.log" if writer else f"error-rank{rank()}.log")
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir / "config.yaml", cfg.model_dump(mode="json", by_alias=True))
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run truncates it to its checkpoint
     setup = None
     try:
-        setup = setup_run(cfg, registry, run_dir, observers)
+        setup = setup_run(cfg, registry, run_dir if writer else None, observers if writer else ())
         with InterruptGuard() as interrupt:
             result = train(setup, checkpoints=make_checkpointer(setup, run_dir, resume, notify, interrupt))
         summary = build_summary(setup, result)
-        masks = {n: m.cpu() for n, m in setup.run.masks.items()}
-        atomic_write_bytes_via(run_dir / "masks.pt", lambda tmp: torch.save(masks, tmp))
-        (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier, failed attempt
+        if writer:
+            masks = {n: m.cpu() for n, m in setup.run.masks.items()}
+            atomic_write_via(run_dir / "masks.pt", lambda tmp: torch.save(masks, tmp))
+        error_log.unlink(missing_ok=True)  # from an earlier, failed attempt
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        error_log.write_text(traceback.format_exc(), encoding="utf-8")
         summary = failed_summary(cfg, one_line(exc))
     finally:
         if setup is not None:
             setup.run.metrics.close()
-    write_json(run_dir / "summary.json", summary)
+    if writer:
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -2,8 +2,8 @@
 
 One entry is a folder ``<cache>/<kind>-<key>/`` holding ``train.bin``, ``valid.bin``,
 ``test.bin`` (or ``test`` pointing at ``valid.bin``), optional tokenizer files, and
-``meta.json``. Every file is written to a temporary name and moved into place with
-``os.replace``, and ``meta.json`` is written last: an entry without it (a process killed while
+``meta.json``. Every file is written to a temporary name and moved into place
+(:mod:`sparsebench.atomic`), and ``meta.json`` is written last: an entry without it (a process killed while
 building) is incomplete and is rebuilt, so a torn cache is never read. Replacing (rather than
 rewriting) files also keeps memmaps held by other processes valid. A lock file
 ``<cache>/.<kind>-<key>.lock`` serialises builders of the same entry (several ranks of one job,
@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from sparsebench.atomic import AtomicPath, atomic_write_bytes
 from sparsebench.errors import DataError
 
 # Part of every key: bump when the layout or the tokenisation rules change.
@@ -72,19 +73,10 @@ def cache_io(path: Path) -> Iterator[None]:
         ) from None
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = _tmp_name(path)
-    with cache_io(path), open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``data`` to ``path`` atomically (:mod:`sparsebench.atomic`); I/O errors become a DataError."""
     with cache_io(path):
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
 
 
 class TokenWriter:
@@ -96,9 +88,9 @@ class TokenWriter:
     def __init__(self, path: Path, dtype: np.dtype, vocab_size: int) -> None:
         self.path, self.dtype, self.vocab_size = path, np.dtype(dtype), vocab_size
         self.count = 0
-        self._tmp = _tmp_name(path)
         with cache_io(path):
-            self._f = open(self._tmp, "wb")
+            self._target = AtomicPath(path)
+            self._f = open(self._target.tmp, "wb")
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
@@ -114,15 +106,13 @@ class TokenWriter:
 
     def close(self) -> None:
         with cache_io(self.path):
-            self._f.flush()
-            os.fsync(self._f.fileno())
             self._f.close()
-            os.replace(self._tmp, self.path)
+            self._target.commit()
 
     def abort(self) -> None:
         self._f.close()
         with contextlib.suppress(OSError):
-            self._tmp.unlink()
+            self._target.discard()
 
     def __enter__(self) -> "TokenWriter":
         return self

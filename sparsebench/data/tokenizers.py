@@ -12,13 +12,12 @@ pass over the text and no hub access.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from sparsebench.atomic import atomic_write_via
 from sparsebench.data.cache import tree_fingerprint
 from sparsebench.errors import DataError
 
@@ -128,9 +127,7 @@ class BPETokenizer(Tokenizer):
         return cls(spec, RawTokenizer.from_file(str(path)))
 
     def save(self, entry_dir: Path) -> None:
-        tmp = entry_dir / f".{self.FILE}.tmp-{os.getpid()}"
-        self.backend.save(str(tmp))
-        os.replace(tmp, entry_dir / self.FILE)
+        atomic_write_via(entry_dir / self.FILE, lambda tmp: self.backend.save(str(tmp)))
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         return _concat(e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False))
@@ -183,11 +180,7 @@ class HFTokenizer(Tokenizer):
     def save(self, entry_dir: Path) -> None:
         # A copy in the entry lets a cached load work offline even when the tokenizer was
         # fetched from the hub by name.
-        tmp, final = entry_dir / f".{self.DIR}.tmp-{os.getpid()}", entry_dir / self.DIR
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.hf.save_pretrained(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        atomic_write_via(entry_dir / self.DIR, lambda tmp: self.hf.save_pretrained(str(tmp)), directory=True)
 
     def state(self) -> dict[str, Any]:
         return {"spec": self.spec, "dir": self.DIR}

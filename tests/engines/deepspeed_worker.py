@@ -83,12 +83,12 @@ class CrashOnce(Method):
     def after_optimizer_step(self, run, step):
         marker = Path(self.config.marker)
         if step == self.config.at_step and not marker.exists():
-            from sparsebench import distributed
+            from sparsebench.engines import collectives
 
-            distributed.barrier()  # every rank has seen the step before any marks it
-            if distributed.is_rank0():
+            collectives.barrier()  # every rank has seen the step before any marks it
+            if collectives.is_rank0():
                 marker.write_text("1")
-            distributed.barrier()
+            collectives.barrier()
             raise RuntimeError(f"simulated crash after step {step}")
 
 
@@ -114,17 +114,18 @@ class RankDump(Method):
 
     @hookimpl
     def on_run_end(self, run, summary):
-        from sparsebench import distributed
+        from sparsebench.engines.collectives import rank
+        from sparsebench.engines.deepspeed_config import uses_deepspeed
 
         master = {}
-        if distributed.uses_deepspeed(run.config):
+        if uses_deepspeed(run.config):
             from deepspeed.utils import safe_get_full_fp32_param
 
             for name, p in run.sparsifiable.items():  # a collective per weight, same order on every rank
                 full = safe_get_full_fp32_param(p)
                 if full is not None:
                     master[name] = full.detach().view_as(p).cpu()
-        out = Path(self.config.dir) / run.config.method.display / f"rank{distributed.rank()}.pt"
+        out = Path(self.config.dir) / run.config.method.display / f"rank{rank()}.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
             "masks": {n: m.cpu() for n, m in run.masks.items()},
@@ -142,7 +143,7 @@ class RankDump(Method):
 def main() -> None:
     from rich.console import Console
 
-    from sparsebench import distributed
+    from sparsebench.engines.collectives import rank
     from sparsebench.runner import run_suite
     from tests.helpers import registry_with
 
@@ -162,7 +163,7 @@ def main() -> None:
         assert len(first.failed) == len(first.summaries), "the first attempt crashes"
         second = run_suite(args.resume_suite, args.out, registry=registry, console=Console(quiet=True))
         failed += len(second.failed)
-    (args.out / f"done-rank{distributed.rank()}").write_text(str(failed))
+    (args.out / f"done-rank{rank()}").write_text(str(failed))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,11 @@ import yaml
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[test,deepspeed]'")
 
-from sparsebench import distributed  # noqa: E402
-from sparsebench.data.batches import TrainSampler  # noqa: E402
 from sparsebench.config import DistributedConfig  # noqa: E402
-from sparsebench.distributed import DistributedError, RankSlice, check_ds_config, resolve_batch, resolve_run_config  # noqa: E402
+from sparsebench.data.batches import TrainSampler  # noqa: E402
+from sparsebench.engines.collectives import DistributedError, launcher_command  # noqa: E402
+from sparsebench.engines.deepspeed_config import check_ds_config, load_ds_config, resolve_batch, resolve_run_config  # noqa: E402
+from sparsebench.engines.sampling import RankSlice  # noqa: E402
 from tests.conftest import TINY_SUITE  # noqa: E402
 from tests.engines.deepspeed_worker import CrashOnce, RankDump, SwapDST  # noqa: E402
 from tests.helpers import registry_with, run_configs, train_config  # noqa: E402
@@ -138,7 +139,7 @@ def test_resolved_config_trains_the_global_batch_and_takes_clipping_from_deepspe
 
 def test_missing_deepspeed_config_file_is_named():
     with pytest.raises(DistributedError, match="nowhere.json' not found"):
-        distributed.load_ds_config(DistributedConfig(backend="deepspeed", config="nowhere.json"))
+        load_ds_config(DistributedConfig(backend="deepspeed", config="nowhere.json"))
 
 
 def test_rank_slices_together_are_the_one_process_batch():
@@ -246,6 +247,19 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(tmp_path):
     assert summaries["resumed"]["train_flops"] == summaries["straight"]["train_flops"]
 
 
+def test_at_zero_stage_0_before_optimizer_step_sees_gradients_already_clipped(tmp_path):
+    """Whole gradients on every rank: the engine clips them before the hook, as in one process."""
+    from tests.engines.test_local_engine import ClipWatcher
+
+    registry = registry_with(SwapDST, RankDump, ClipWatcher)
+    suite = _suite(0, ["dense"], tmp_path / "dump", "clip", plugins=({"clip-watcher": {}},), grad_clip=1e-3, steps=3)
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    setup, _ = train_config(resolve_run_config(run_configs(path, registry)[0]), registry)
+    norms = setup.run.plugins["clip-watcher"].norms
+    assert len(norms) == 3 and all(n == pytest.approx(1e-3, rel=1e-3) for n in norms), norms
+
+
 def test_plugin_parameters_outside_the_model_are_refused_at_zero_stage_1(tmp_path):
     from sparsebench.registry import load_registry
 
@@ -308,7 +322,7 @@ def two_ranks(tmp_path_factory):
     (root / "bf16.yaml").write_text(yaml.safe_dump(bf16))
     suites.append(root / "bf16.yaml")
     args = [*map(str, suites), "--resume-suite", str(resume), "--out", str(root / "out")]
-    command = lambda: distributed.launcher_command(2, args, module="tests.engines.deepspeed_worker")  # noqa: E731
+    command = lambda: launcher_command(2, args, module="tests.engines.deepspeed_worker")  # noqa: E731
     run_launch(command, [root / "out", root / "dump", root / "crashed"])
     return {"root": root, "methods": [label for label, _ in methods]}
 

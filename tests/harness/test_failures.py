@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sparsebench import hookimpl
-from sparsebench.checkpoint import list_checkpoints
+from sparsebench.checkpoints import list_checkpoints
 from sparsebench.cli import app
 from sparsebench.methods import Method
 from sparsebench.runner import run_suite

@@ -206,3 +206,15 @@ def test_gradient_accumulation_keeps_schedules_in_optimizer_steps(write_suite):
     assert [s for h, s in calls if h == "update_mask"] == [1, 2, 3, 4, 5, 6]
     assert [s for h, s in calls if h == "loss_terms"] == [s for s in range(1, 7) for _ in range(3)]
     assert setup.run.ledger.tokens == 6 * 3 * 2 * 16  # steps × accum × batch × seq_len
+
+
+def test_the_loop_names_no_backend_and_calls_the_engine_only():
+    """loop.py talks to the engine interface: no backend name, no branch on one."""
+    from pathlib import Path
+
+    import sparsebench.loop
+
+    text = Path(sparsebench.loop.__file__).read_text(encoding="utf-8")
+    for word in ("deepspeed", "distributed", "torch.distributed", "world_size", "rank0"):
+        assert word not in text.lower(), word
+    assert "from sparsebench.engines import make_engine" in text

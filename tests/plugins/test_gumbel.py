@@ -160,7 +160,7 @@ def test_the_sparsity_loss_pushes_scores_down():
 
 
 def _checkpointed(run_dir, resume):
-    from sparsebench.checkpoint import Checkpointer
+    from sparsebench.checkpoints import Checkpointer
     from sparsebench.conformance import tiny_run_config
     from sparsebench.registry import Registry
     from sparsebench.run_setup import setup_run
@@ -183,7 +183,7 @@ def _checkpointed(run_dir, resume):
 def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_did(tmp_path, resume_from):
     import shutil
 
-    from sparsebench.checkpoint import checkpoint_name, digest_path
+    from sparsebench.checkpoints import checkpoint_name, digest_path
 
     reference, ref_result = _checkpointed(tmp_path / "ref", resume=False)
     resumed_dir = tmp_path / "resumed"

@@ -21,14 +21,8 @@ import torch
 import yaml
 
 from sparsebench import hookimpl
-from sparsebench.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_loadable,
-    checkpoint_name,
-    digest_path,
-    list_checkpoints,
-)
+from sparsebench.checkpoints import Checkpointer, CheckpointError, checkpoint_name, digest_path, list_checkpoints
+from sparsebench.checkpoints.state import check_loadable
 from sparsebench.errors import PluginError
 from sparsebench.loop import train
 from sparsebench.masks import random_masks, uniform_densities
@@ -312,7 +306,7 @@ def test_no_usable_checkpoint_restarts_from_scratch_and_says_so(reference, tmp_p
 
 
 def test_the_checkpoint_reader_gives_one_line_errors(reference, tmp_path):
-    from sparsebench.checkpoint import read_checkpoint
+    from sparsebench.checkpoints import read_checkpoint
 
     path = tmp_path / checkpoint_name(8)
     shutil.copy(reference.run_dir / path.name, path)

@@ -26,9 +26,11 @@ import yaml
 from rich.console import Console
 
 from sparsebench import hookimpl
-from sparsebench.checkpoint import Checkpointer, InterruptGuard, RunInterrupted, list_checkpoints, read_checkpoint
+from sparsebench.checkpoints import Checkpointer, list_checkpoints, read_checkpoint
+from sparsebench.interrupts import InterruptGuard, RunInterrupted
 from sparsebench.loop import train
-from sparsebench.results import comparison_table, remove_stale_temporaries, render_markdown, summaries_frame, write_json, write_suite_tables
+from sparsebench.atomic import remove_stale_temporaries
+from sparsebench.results import comparison_table, render_markdown, summaries_frame, write_json, write_suite_tables
 from sparsebench.runner import run_suite
 from sparsebench.run_setup import setup_run
 from tests.conftest import TINY_SUITE

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from sparsebench.checkpoint import Checkpointer
+from sparsebench.checkpoints import Checkpointer
 from sparsebench.conformance import single_thread
 from sparsebench.loop import train
 from sparsebench.run_setup import setup_run
