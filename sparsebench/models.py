@@ -16,7 +16,6 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import transformers
 
 from .errors import ModelError
