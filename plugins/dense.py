@@ -1,6 +1,6 @@
 """``dense``: the reference every sparse method is compared with."""
 
-from sparsebench.methods import Method
+from sparsebench import Method
 
 
 class Dense(Method):

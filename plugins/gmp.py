@@ -6,10 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
-from sparsebench_plugins._dst import changed_only, fraction_step
-from sparsebench_plugins.magnitude import magnitude_masks
+from sparsebench import Method, hookimpl
+from sparsebench.api import changed_only, fraction_step, magnitude_masks
 
 
 class GMPConfig(BaseModel):

@@ -8,9 +8,8 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
-from sparsebench_plugins._dst import changed_only, fraction_step, keep_top, keep_top_global
+from sparsebench import Method, hookimpl
+from sparsebench.api import changed_only, fraction_step, keep_top, keep_top_global
 
 SCORE_FLOPS = "gumbel_scores"
 # Elementwise work per sparsifiable weight and micro-batch. Forward: uniform draw, two logs, add,

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
-from sparsebench_plugins._dst import changed_only, drop_lowest, drop_lowest_global, fraction_step
+from sparsebench import Method, hookimpl
+from sparsebench.api import changed_only, fraction_step, magnitude_masks
 
 
 class MagnitudeConfig(BaseModel):
@@ -17,27 +16,6 @@ class MagnitudeConfig(BaseModel):
     scope: Literal["global", "layer"] = Field(
         "global", description="global: one |w| threshold over every sparsifiable weight; layer: each layer at the target"
     )
-
-
-def magnitude_masks(weights, masks, sparsity: float, scope: str) -> dict:
-    """Masks keeping the largest ``|w|`` among the active weights at ``sparsity``.
-
-    ``layer``: every layer keeps ``round((1 - sparsity) · numel)`` weights. ``global``: the
-    layers together keep ``round((1 - sparsity) · N)``. Exactly the masks of
-    ``torch.nn.utils.prune.l1_unstructured`` / ``global_unstructured(L1Unstructured)`` with the
-    same number of weights to prune (the same ``topk(largest=False)`` picks them).
-    """
-    scores = {n: weights[n].detach().abs() for n in masks}
-    if scope == "layer":
-        out = {}
-        for name, mask in masks.items():
-            keep = round((1.0 - sparsity) * mask.numel())
-            out[name] = drop_lowest(mask, scores[name], int(mask.sum()) - keep)
-        return out
-    total = sum(m.numel() for m in masks.values())
-    active = sum(int(m.sum()) for m in masks.values())
-    keep = round((1.0 - sparsity) * total)
-    return drop_lowest_global(scores, masks, active - keep)
 
 
 class Magnitude(Method):

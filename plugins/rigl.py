@@ -7,17 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
-from sparsebench_plugins._dst import (
+from sparsebench import Method, hookimpl
+from sparsebench.api import (
     changed_only,
     cosine_drop_fraction,
     drop_lowest,
     fraction_step,
     grow_highest,
+    random_start,
     update_due,
 )
-from sparsebench_plugins.static import random_start
 
 DENSE_GRAD = "rigl_dense_grad"
 

@@ -8,10 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
-from sparsebench_plugins._dst import changed_only, drop_lowest, fraction_step, grow_random, update_due
-from sparsebench_plugins.static import random_start
+from sparsebench import Method, hookimpl
+from sparsebench.api import changed_only, drop_lowest, fraction_step, grow_random, random_start, update_due
 
 
 class SETConfig(BaseModel):

@@ -1,8 +1,11 @@
 """sparsebench: a benchmark harness for sparse training of transformer language models.
 
-Plugin authors need only :data:`hookimpl` (and, optionally, :class:`sparsebench.methods.Method`
-as a base class); see ``sparsebench/hookspecs.py`` for the hooks.
+Plugin authors import :data:`hookimpl` and :class:`~sparsebench.methods.Method` from here and
+everything else they need from :mod:`sparsebench.api`; see ``sparsebench/hookspecs.py`` for the
+hooks.
 """
+
+from typing import Any
 
 import pluggy
 
@@ -12,4 +15,14 @@ PROJECT_NAME = "sparsebench"
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
-__all__ = ["hookimpl", "hookspec", "__version__", "PROJECT_NAME"]
+__all__ = ["hookimpl", "hookspec", "Method", "__version__", "PROJECT_NAME"]
+
+
+def __getattr__(name: str) -> Any:
+    # Method pulls in pydantic; loading it on first use keeps `import sparsebench` (and so
+    # `sparsebench --help`) from paying for it.
+    if name == "Method":
+        from sparsebench.methods import Method
+
+        return Method
+    raise AttributeError(f"module 'sparsebench' has no attribute '{name}'")

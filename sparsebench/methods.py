@@ -1,8 +1,11 @@
-"""The shape of a method class, and a convenience base class for writing one.
+"""The method contract, declared in one place: :class:`Method`.
 
 A method is any class with ``name: str``, a pydantic ``Config`` model (defaults for every field),
 ``__init__(self, config)`` and hook implementations decorated with ``@hookimpl``. Subclassing
-:class:`Method` is optional; it only supplies the defaults below.
+:class:`Method` is optional (the harness reads every other attribute with a default), but
+:class:`Method` is where every attribute the harness reads on a method class or instance is
+declared and documented, with the default a class that does not define it gets. A test keeps
+the harness from reading an attribute that is not declared here.
 """
 
 from __future__ import annotations
@@ -21,19 +24,48 @@ class NoOptions(BaseModel):
 
 
 class Method:
-    #: the key used in suites
+    """Base class of a sparse-training method (or of any plugin on a run's manager).
+
+    The harness makes one instance per run, ``cls(cls.Config(**options))``, and registers it on
+    that run's plugin manager under ``name``; hooks may keep state on ``self`` freely.
+    """
+
+    #: The key used in suites (``methods: [my_method]``) and the plugin's name on the run's
+    #: manager. Required; unique over every installed package.
     name: ClassVar[str] = ""
-    #: pydantic model of the method's options, with defaults
+    #: Pydantic model of the method's options. Every field needs a default and a
+    #: ``Field(description=...)``; use ``model_config = ConfigDict(extra="forbid")`` so a
+    #: misspelled option is refused with the allowed ones listed.
     Config: ClassVar[type[BaseModel]] = NoOptions
-    #: True if update_mask may change the number of active weights (pruning methods)
+    #: True if ``update_mask`` may change the number of active weights of a layer (pruning
+    #: methods: magnitude, GMP; methods that move weights between layers: SparsAE). Otherwise
+    #: the harness refuses a change that alters any layer's active count. Also lets a method
+    #: start dense (``init_mask`` returning ``None``) and reach the target later.
     changes_density: ClassVar[bool] = False
-    #: observers (loggers, progress bars) are not counted in the method's overhead
+    #: True if the method trains at its own density whatever the suite's ``sparsity`` (dense
+    #: training): its runs are recorded at sparsity 0 and the conformance kit skips the
+    #: target-density checks.
+    ignores_sparsity: ClassVar[bool] = False
+    #: True for plugins that only watch (loggers, progress displays): their hook time is not
+    #: counted in the run's ``method_time_s`` / ``overhead_frac``.
     observer: ClassVar[bool] = False
-    #: a module or class of extra hookspecs this method defines (``pm.add_hookspecs``)
+    #: A module or class of extra hook specifications this method defines; the harness adds it
+    #: to the run's manager (``pm.add_hookspecs``) before registering the method.
     hookspecs: ClassVar[Optional[Any]] = None
 
     def __init__(self, config: Optional[BaseModel] = None):
+        #: the validated options (an instance of ``Config``)
         self.config = config if config is not None else type(self).Config()
+
+    def components(self) -> list[tuple[str, Any]]:
+        """The plugins a composite method is made of, as ``(name, instance)`` pairs.
+
+        The harness registers each on the run's manager beside the method (recursively: a
+        component may have components), saves each one's :meth:`state_dict` under its name and
+        times each as method work. SparsAE returns its mask search, regrowth, burn-in and
+        distillation. Default: none.
+        """
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly.
@@ -45,7 +77,12 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (called after ``configure`` on a resumed run)."""
+
+
+#: Every attribute of the contract the harness reads; each is declared on :class:`Method`.
+CONTRACT = ("name", "Config", "changes_density", "ignores_sparsity", "observer", "hookspecs",
+            "config", "components", "state_dict", "load_state_dict")
 
 
 def check_method_class(cls: Any, package: str) -> None:

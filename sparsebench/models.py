@@ -16,7 +16,6 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import transformers
 
 from .errors import ModelError
@@ -223,35 +222,3 @@ def _load_pretrained(
     if max_pos is not None and seq_len > max_pos:
         raise ModelError(f"data.seq_len {seq_len} exceeds the {max_pos} positions of pretrained model '{name}'")
     return _causal_lm_loss(model)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (a tied embedding/LM head counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe_model(model: transformers.PreTrainedModel) -> dict[str, Any]:
-    """Summary figures for ``summary.json`` and logs: sizes, shape, tying. Works on meta models."""
-    config = model.config
-    n_embd = getattr(config, "hidden_size", None)
-    n_head = getattr(config, "num_attention_heads", None)
-    emb = model.get_input_embeddings()
-    out = model.get_output_embeddings()
-    tied = out is not None and out.weight is emb.weight
-    n_params = count_parameters(model)
-    n_embedding = emb.weight.numel() + (0 if tied or out is None else out.weight.numel())
-    return {
-        "family": config.model_type,
-        "n_params": n_params,
-        "n_params_non_embedding": n_params - n_embedding,
-        "n_layer": getattr(config, "num_hidden_layers", None),
-        "n_head": n_head,
-        "n_kv_head": getattr(config, "num_key_value_heads", None) or n_head,
-        "n_embd": n_embd,
-        "d_ff": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or (
-            4 * n_embd if config.model_type == "gpt2" and n_embd else None),
-        "vocab_size": emb.num_embeddings,
-        "n_positions": getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None),
-        "tied_embeddings": tied,
-        "attn_implementation": getattr(config, "_attn_implementation", None),
-    }

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from sparsebench.methods import Method
+from sparsebench import Method
 from sparsebench_plugins.sparsae.burn_in import BurnIn, BurnInConfig
 from sparsebench_plugins.sparsae.distill import DistillConfig, EmaDistill
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow, RegrowConfig

@@ -17,8 +17,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.methods import Method
+from sparsebench import Method, hookimpl
 
 
 class BurnInConfig(BaseModel):

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsebench import hookimpl
-from sparsebench.losses import autocast_context
-from sparsebench.methods import Method
+from sparsebench import Method, hookimpl
+from sparsebench.api import autocast_context
 
 
 class DistillConfig(BaseModel):

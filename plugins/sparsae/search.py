@@ -30,16 +30,12 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sparsebench import hookimpl
-from sparsebench.context import perplexity
-from sparsebench.errors import PluginError
-from sparsebench.losses import autocast_context, cross_entropy
-from sparsebench.methods import Method
+from sparsebench import Method, hookimpl
+from sparsebench.api import PluginError, autocast_context, cross_entropy, perplexity, random_start
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow
 from sparsebench_plugins.sparsae.swaps import Candidate, apply_swaps, count_bounds, revert_swaps, sample_mutant
 from sparsebench_plugins.sparsae.triggers import AdaptiveBounds, Stagnation
-from sparsebench_plugins.static import random_start
 
 
 def active_counts(masks: dict) -> dict[str, int]:

@@ -1,22 +1,23 @@
 """Sparsifiable-weight selection, density distributions, random masks and mask statistics."""
 
 import math
+import types
 
 import pytest
 import torch
 
 from sparsebench.errors import MaskError
 from sparsebench.masks import (
+    DISTRIBUTION_NAMES,
     LayerInfo,
-    apply_masks_,
     er_densities,
     erk_densities,
+    layer_densities,
     mask_stats,
-    masks_density,
     random_masks,
+    random_start,
     row_col_dims,
     sparsifiable_layers,
-    to_float_masks,
     uniform_densities,
 )
 from sparsebench.models import build_model
@@ -165,6 +166,24 @@ def test_distributions_keep_the_total_number_of_active_weights(gpt, distribution
     assert sum(d[n] * info.numel for n, info in layers.items()) == pytest.approx((1 - sparsity) * total, abs=len(layers))
 
 
+@pytest.mark.parametrize("name, function", [("uniform", uniform_densities), ("erk", erk_densities), ("er", er_densities)])
+def test_layer_densities_looks_up_each_distribution_by_name(gpt, name, function):
+    layers = sparsifiable_layers(gpt)
+    assert name in DISTRIBUTION_NAMES
+    assert layer_densities(name, layers, 0.8) == function(layers, 0.8)
+
+
+def test_layer_densities_passes_the_power_scale_to_erk_only():
+    layers = linear_layers(SHAPES)
+    assert layer_densities("erk", layers, 0.8, power_scale=0.5) == erk_densities(layers, 0.8, power_scale=0.5)
+    assert layer_densities("er", layers, 0.8, power_scale=0.5) == er_densities(layers, 0.8)
+
+
+def test_unknown_distribution_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown distribution 'erdos'. Allowed: uniform, erk, er"):
+        layer_densities("erdos", linear_layers(SHAPES), 0.8)
+
+
 def test_sparsity_outside_zero_one_is_refused():
     with pytest.raises(MaskError, match="sparsity"):
         erk_densities(linear_layers(SHAPES), 1.0)
@@ -193,6 +212,14 @@ def test_random_masks_are_reproducible_from_the_generator(gpt):
     assert not all(torch.equal(a[n], c[n]) for n in layers)
 
 
+def test_random_start_draws_the_distribution_at_the_run_sparsity_from_the_run_generator(gpt):
+    layers = sparsifiable_layers(gpt)
+    run = types.SimpleNamespace(layers=layers, sparsity=0.75, generator=torch.Generator().manual_seed(3))
+    expected = random_masks(layers, erk_densities(layers, 0.75, power_scale=0.5), torch.Generator().manual_seed(3))
+    masks = random_start(run, "erk", power_scale=0.5)
+    assert all(torch.equal(masks[n], expected[n]) for n in layers)
+
+
 def test_random_mask_positions_are_spread_uniformly():
     layers = linear_layers([(100, 100)])
     gen = torch.Generator().manual_seed(0)
@@ -200,11 +227,6 @@ def test_random_mask_positions_are_spread_uniformly():
     # each position is active with p = 0.1: 20 ± 4.2 hits out of 200; no position far off
     assert hits.mean().item() == pytest.approx(20.0)
     assert 0 < hits.min().item() and hits.max().item() < 45
-
-
-def test_masks_density_counts_active_over_all():
-    masks = {"a": torch.tensor([True, False, False, False]), "b": torch.ones(4, dtype=torch.bool)}
-    assert masks_density(masks) == 5 / 8
 
 
 def test_dead_rows_and_columns_follow_each_storage_convention():
@@ -230,17 +252,3 @@ def test_mask_stats_sparsity_density_and_turnover():
     assert stats["turnover"] == 0.5  # one of the two active positions is new
     assert mask_stats(final, final, layers)["turnover"] == 0.0
     assert mask_stats(final, None, layers)["turnover"] is None
-
-
-def test_apply_masks_zeroes_pruned_weights_in_place(gpt):
-    layers = sparsifiable_layers(gpt)
-    masks = random_masks(layers, uniform_densities(layers, 0.7), torch.Generator().manual_seed(0))
-    params = {n: info.param for n, info in layers.items()}
-    before = {n: p.detach().clone() for n, p in params.items()}
-    apply_masks_(list(params.values()), to_float_masks(masks, params))
-    for n, p in params.items():
-        assert torch.equal(p.detach(), before[n] * masks[n])
-        assert p.requires_grad
-    with torch.no_grad():  # leave the shared fixture as it was
-        for n, p in params.items():
-            p.copy_(before[n])

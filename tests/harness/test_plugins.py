@@ -16,8 +16,9 @@ import yaml
 
 from sparsebench import hookspecs
 from sparsebench.errors import HookError, PluginError
+from sparsebench.hooks import Hooks, make_plugin_manager
 from sparsebench.methods import Method
-from sparsebench.registry import load_registry, make_plugin_manager
+from sparsebench.registry import load_registry
 from tests.conftest import TINY_SUITE
 
 THIRD_PARTY_METHOD = '''
@@ -183,3 +184,73 @@ def test_every_hookspec_is_exercised_by_the_hook_order_test():
     specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "sparsebench_spec")]
     untested = [n for n in specs if f"def {n}(" not in source]
     assert not untested, f"hooks without a test: {untested}"
+
+
+def _hooks_mismatches() -> list[str]:
+    """Where :class:`Hooks` differs from the hookspecs: one method per hookspec, taking the spec's
+    parameters (names, order, annotations) keyword-only."""
+    specs = {n: f for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "sparsebench_spec")}
+    wrappers = {n for n, f in inspect.getmembers(Hooks, inspect.isfunction) if not n.startswith("_")}
+    problems = [f"missing in Hooks: {n}" for n in sorted(set(specs) - wrappers)]
+    problems += [f"Hooks.{n} is not a hookspec" for n in sorted(wrappers - set(specs))]
+    for name in sorted(set(specs) & wrappers):
+        expected = list(inspect.signature(specs[name]).parameters.values())
+        got = list(inspect.signature(getattr(Hooks, name)).parameters.values())[1:]  # drop self
+        if [(p.name, p.annotation) for p in got] != [(p.name, p.annotation) for p in expected]:
+            problems.append(f"Hooks.{name}: parameters differ from the hookspec's")
+        if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in got):
+            problems.append(f"Hooks.{name}: parameters must be keyword-only")
+    return problems
+
+
+def test_hooks_wrapper_matches_every_hookspec():
+    assert _hooks_mismatches() == []
+
+
+def test_a_new_hookspec_without_a_hooks_method_is_caught(monkeypatch):
+    from sparsebench import hookspec
+
+    @hookspec
+    def on_checkpoint(run, step):
+        """Called after a checkpoint is written."""
+
+    def update_mask(run, step, masks, extra):
+        """A changed signature."""
+
+    monkeypatch.setattr(hookspecs, "on_checkpoint", on_checkpoint, raising=False)
+    monkeypatch.setattr(hookspecs, "update_mask", hookspec(firstresult=True)(update_mask))
+    assert _hooks_mismatches() == ["missing in Hooks: on_checkpoint", "Hooks.update_mask: parameters differ from the hookspec's"]
+
+
+def test_hooks_wrapper_calls_reach_the_plugins_and_merge_results():
+    from sparsebench import hookimpl
+
+    class Terms(Method):
+        name = "terms"
+
+        @hookimpl
+        def loss_terms(self, run, step, batch, outputs):
+            return {"extra": step}
+
+        @hookimpl
+        def on_run_end(self, run, summary):
+            return {"seen": summary["x"]}
+
+    class Clash(Terms):
+        name = "clash"
+
+    hooks = Hooks(make_plugin_manager([("terms", Terms())]))
+    assert hooks.loss_terms(run=None, step=3, batch={}, outputs=None) == {"extra": 3}
+    assert hooks.on_run_end(run=None, summary={"x": 1}) == {"seen": 1}
+    with pytest.raises(TypeError):
+        hooks.update_mask(None, 1, {})  # positional arguments are refused
+    clashing = Hooks(make_plugin_manager([("terms", Terms()), ("clash", Clash())]))
+    with pytest.raises(PluginError, match="loss term 'extra' is returned by two plugins"):
+        clashing.loss_terms(run=None, step=1, batch={}, outputs=None)
+
+
+def test_old_registry_imports_keep_working():
+    from sparsebench import hooks, registry
+
+    assert registry.Hooks is hooks.Hooks and registry.make_plugin_manager is hooks.make_plugin_manager
+    assert registry.HookTimer is hooks.HookTimer

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
+from sparsebench.api import keep_top_global
 from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
-from sparsebench_plugins._dst import keep_top_global
 from sparsebench_plugins.gumbel import (
     BACKWARD_FLOPS_PER_WEIGHT,
     FORWARD_FLOPS_PER_WEIGHT,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
+from sparsebench.api import cosine_drop_fraction
 from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
 from sparsebench.masks import erk_densities
-from sparsebench_plugins._dst import cosine_drop_fraction
 from sparsebench_plugins.rigl import DENSE_GRAD, RigL, rigl_update
 
 

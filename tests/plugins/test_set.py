@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sparsebench import hookimpl
+from sparsebench.api import grow_random, update_due
 from sparsebench.conformance import start_run, tiny_setup
 from sparsebench.loop import train
 from sparsebench.masks import LayerInfo, er_densities
-from sparsebench_plugins._dst import grow_random, update_due
 from sparsebench_plugins.set_method import SET, set_drop
 from sparsebench_plugins.static import Static
 

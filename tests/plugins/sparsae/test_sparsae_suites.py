@@ -21,8 +21,6 @@ def test_smoke_suite_runs_sparsae_with_mask_updates_inside_its_steps(registry):
 
 
 def test_ablation_suite_switches_each_component_off_and_compares_with_rigl_and_static(registry):
-    if "rigl" not in registry:
-        pytest.skip("rigl is not registered in this checkout")
     suite, runs = expand_suite(SUITES / "sparsae_ablation.yaml", registry)
     assert len(suite.seeds) >= 3
     by_label = {r.method.display: r for r in runs if r.seed == suite.seeds[0]}

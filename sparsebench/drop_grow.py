@@ -1,12 +1,17 @@
-"""Drop/grow building blocks shared by the mask-changing methods (SET, RigL, GMP, magnitude, ...).
+"""Drop/grow building blocks for methods that change masks (public: re-exported by ``sparsebench.api``).
 
-Every function works on one layer's bool mask (``True`` = active) and returns a **new** mask;
-nothing is modified in place, so a method may hand ``run.masks`` straight in. Counts are exact:
+The first-party methods (SET, RigL, GMP, magnitude, Gumbel) are built from these, and a
+third-party method may use them the same way::
+
+    from sparsebench.api import changed_only, drop_lowest, grow_highest
+
+Every function works on bool masks (``True`` = active) and returns **new** masks; nothing is
+modified in place, so a method may hand ``run.masks`` straight in. Counts are exact:
 ``drop_lowest(mask, score, k)`` has exactly ``k`` fewer active entries (``k`` is clamped to the
 active count), ``grow_highest`` exactly ``k`` more (clamped to the inactive count).
 Ties are broken by ``torch.topk``, which is deterministic on a given device.
 
-These helpers are public so that other methods (SparsAE, third-party plugins) can reuse them.
+Schedules count optimizer steps (``run.total_steps``), never micro-batches.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "keep_top_global",
     "drop_lowest_global",
     "changed_only",
+    "magnitude_masks",
 ]
 
 
@@ -152,3 +158,27 @@ def _split_like(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[st
 def changed_only(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of ``new`` that differ from ``old`` (``update_mask`` returns changed layers only)."""
     return {name: mask for name, mask in new.items() if not torch.equal(mask, old[name])}
+
+
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], sparsity: float, scope: str
+) -> dict[str, torch.Tensor]:
+    """Masks keeping the largest ``|w|`` among the active weights at ``sparsity``.
+
+    ``scope="layer"``: every layer keeps ``round((1 - sparsity) · numel)`` weights.
+    ``scope="global"``: the layers together keep ``round((1 - sparsity) · N)``. Exactly the masks
+    of ``torch.nn.utils.prune.l1_unstructured`` / ``global_unstructured(L1Unstructured)`` with the
+    same number of weights to prune (the same ``topk(largest=False)`` picks them). Inactive
+    weights are never revived.
+    """
+    scores = {n: weights[n].detach().abs() for n in masks}
+    if scope == "layer":
+        out = {}
+        for name, mask in masks.items():
+            keep = round((1.0 - sparsity) * mask.numel())
+            out[name] = drop_lowest(mask, scores[name], int(mask.sum()) - keep)
+        return out
+    total = sum(m.numel() for m in masks.values())
+    active = sum(int(m.sum()) for m in masks.values())
+    keep = round((1.0 - sparsity) * total)
+    return drop_lowest_global(scores, masks, active - keep)

@@ -1,0 +1,122 @@
+"""The public plugin API: everything a method plugin may import from the harness.
+
+A method plugin — first-party (``plugins/``) or third-party — imports only ``sparsebench``
+(:data:`hookimpl`, :class:`Method`) and this module, plus the standard library and its own
+dependencies (torch, pydantic, ...). Everything else in the ``sparsebench`` package is harness
+internals and may change without notice; the names below keep their meaning across releases.
+A test (``tests/harness/test_plugin_api.py``) holds the first-party plugins to this rule.
+
+Writing a method::
+
+    from pydantic import BaseModel, ConfigDict, Field
+    from sparsebench.api import Method, changed_only, drop_lowest, grow_random, hookimpl, random_start
+
+    class MyConfig(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        delta_t: int = Field(100, ge=1, description="steps between updates")
+
+    class MyMethod(Method):
+        name = "my_method"
+        Config = MyConfig
+
+        @hookimpl
+        def init_mask(self, run, model):
+            return random_start(run, "erk")
+
+The hooks, their arguments and when they are called are documented in ``sparsebench/hookspecs.py``;
+``run`` (:class:`Run`) is the per-run context every hook receives.
+
+Contents:
+
+* **Writing a method** — :data:`hookimpl`, :data:`hookspec` (for a method's own hookspecs),
+  :class:`Method` (the contract, with defaults), :class:`NoOptions`, :class:`Run`,
+  :class:`PluginError` (raise it for a bad configuration: the user sees one line).
+* **Layers** — :class:`LayerInfo` (``run.layers[name]``: the parameter, fan-in/fan-out and which
+  tensor axes they are) and :func:`row_col_dims`.
+* **Densities and initial masks** — :func:`uniform_densities`, :func:`er_densities`,
+  :func:`erk_densities`, :func:`layer_densities` (by name, :data:`DISTRIBUTION_NAMES`),
+  :func:`random_masks` and :func:`random_start` (the random initial masks of static/SET/RigL).
+* **Drop/grow** — :func:`drop_lowest`, :func:`grow_highest`, :func:`grow_random`,
+  :func:`keep_top`, :func:`keep_top_global`, :func:`drop_lowest_global`,
+  :func:`magnitude_masks`, :func:`changed_only`; schedules :func:`fraction_step`,
+  :func:`update_due`, :func:`cosine_drop_fraction` (see :mod:`sparsebench.drop_grow`).
+* **Losses** — :func:`cross_entropy` (the harness's training loss), :func:`autocast` (the
+  autocast context the loop runs forward passes under; ``autocast_context`` is the old name)
+  and :func:`perplexity` (``exp(loss)`` of a mean token NLL, ``inf`` past overflow).
+
+Fused weights (GPT-2's ``attn.c_attn``) will be exposed here as several logical layers
+(issue 10); until then a ``LayerInfo`` is one parameter.
+"""
+
+from __future__ import annotations
+
+from sparsebench import hookimpl, hookspec
+from sparsebench.context import Run, perplexity
+from sparsebench.drop_grow import (
+    changed_only,
+    cosine_drop_fraction,
+    drop_lowest,
+    drop_lowest_global,
+    fraction_step,
+    grow_highest,
+    grow_random,
+    keep_top,
+    keep_top_global,
+    magnitude_masks,
+    update_due,
+)
+from sparsebench.errors import PluginError
+from sparsebench.losses import autocast_context, cross_entropy
+from sparsebench.masks import (
+    DISTRIBUTION_NAMES,
+    LayerInfo,
+    er_densities,
+    erk_densities,
+    layer_densities,
+    random_masks,
+    random_start,
+    row_col_dims,
+    uniform_densities,
+)
+from sparsebench.methods import Method, NoOptions
+
+#: the autocast context of ``training.dtype`` (a no-op for float32): ``with autocast(run): ...``
+autocast = autocast_context
+
+__all__ = [
+    # writing a method
+    "hookimpl",
+    "hookspec",
+    "Method",
+    "NoOptions",
+    "Run",
+    "PluginError",
+    # layers
+    "LayerInfo",
+    "row_col_dims",
+    # densities and initial masks
+    "DISTRIBUTION_NAMES",
+    "uniform_densities",
+    "er_densities",
+    "erk_densities",
+    "layer_densities",
+    "random_masks",
+    "random_start",
+    # drop/grow and schedules
+    "changed_only",
+    "cosine_drop_fraction",
+    "drop_lowest",
+    "drop_lowest_global",
+    "fraction_step",
+    "grow_highest",
+    "grow_random",
+    "keep_top",
+    "keep_top_global",
+    "magnitude_masks",
+    "update_due",
+    # losses
+    "autocast",
+    "autocast_context",
+    "cross_entropy",
+    "perplexity",
+]
