@@ -11,8 +11,8 @@ DOCS = ROOT / "docs"
 
 
 def pages() -> list[Path]:
-    """The README and every page of the manual."""
-    return [README, *sorted(DOCS.glob("*.md"))]
+    """The README, every page of the manual, and the results folder's README."""
+    return [README, *sorted(DOCS.glob("*.md")), ROOT / "results" / "README.md"]
 
 
 def text(path: Path) -> str:

@@ -106,6 +106,18 @@ def test_conformance_table_lists_every_kit_test():
     assert documented == {n for n in dir(MethodConformance) if n.startswith("test_")}
 
 
+def test_conformance_kit_defaults_and_model_are_as_documented():
+    from sparsebench.conformance import MethodConformance, tiny_setup
+    from sparsebench_plugins.static import Static
+
+    for attribute, value in re.findall(r"`(\w+)` \(([\d.]+)\)", PLUGINS.split("Class attributes:", 1)[1].split("\n\n")[0]):
+        assert getattr(MethodConformance, attribute) == float(value), attribute
+    blocks, weights = re.search(r"a tiny GPT-2 \((\d+) blocks, ([\d,]+) sparsifiable weights\)", PLUGINS).groups()
+    setup = tiny_setup(Static)
+    assert setup.run.model.config.n_layer == int(blocks)
+    assert sum(p.numel() for p in setup.run.sparsifiable.values()) == int(weights.replace(",", ""))
+
+
 # ------------------------------------------------------------------ methods.md, sparsae.md, suites.md
 
 
