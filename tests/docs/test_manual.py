@@ -6,9 +6,9 @@ import inspect
 import json
 import re
 import sys
-import tomllib
 import types
 
+import yaml
 
 from tests.docs.markdown import DOCS, ROOT, code_blocks, section, table_rows, text
 from tests.helpers import registry_with, run_configs, train_config
@@ -59,10 +59,11 @@ def test_plugin_example_passes_the_conformance_kit():
 
 
 def test_plugin_example_entry_point_names_the_example_package():
-    toml = tomllib.loads(next(b for b in code_blocks(PLUGINS, "toml")))
+    toml = next(b for b in code_blocks(PLUGINS, "toml"))
     python = next(b for b in code_blocks(PLUGINS, "python") if "register_methods" in b)
     package = re.match(r"# (\w+)/__init__\.py", python).group(1)
-    assert toml["project"]["entry-points"]["sparsebench"] == {package: package}
+    entries = toml.split("[project.entry-points.sparsebench]\n", 1)[1].strip().splitlines()
+    assert entries == [f'{package} = "{package}"']
 
 
 def test_conformance_example_subclasses_the_kit(monkeypatch):
@@ -168,6 +169,28 @@ def test_shipped_suites_table_counts_the_runs_of_each_suite(registry):
     for row in rows:
         _, runs = expand_suite(ROOT / row[0].strip("`"), registry, None)
         assert len(runs) == int(row[2]), row[0]
+
+
+def test_sparsae_component_table_lists_each_plugins_hooks(registry):
+    table = text(DOCS / "sparsae.md").split("| plugin | what it does | hooks |", 1)[1].split("\n\n", 1)[0]
+    rows = table_rows("| plugin | what it does | hooks |" + table)
+    checked = 0
+    for name, _, hooks in rows:
+        if not re.fullmatch(r"`\w+`", name) or hooks == "—":
+            continue
+        documented = set()
+        for hook in re.findall(r"`([\w/]+)`", hooks):
+            documented |= {"before_optimizer_step", "after_optimizer_step"} if hook == "before/after_optimizer_step" else {hook}
+        cls = registry.get(name.strip("`"))
+        assert documented == {n for n in dir(cls) if hasattr(getattr(cls, n), "sparsebench_impl")}, name
+        checked += 1
+    assert checked == 4
+
+
+def test_sparsae_suite_example_validates(write_suite, registry):
+    block = next(b for b in code_blocks(text(DOCS / "sparsae.md"), "yaml") if "methods:" in b)
+    runs = run_configs(write_suite(methods=yaml.safe_load(block)["methods"]), registry)
+    assert [cfg.method.name for cfg in runs] == ["sparsae", "sparsae", "sparsae", "rigl", "set"]
 
 
 # ------------------------------------------------------------------ index.md
