@@ -160,6 +160,18 @@ def test_sparsae_choices_table_shows_the_real_defaults(registry):
         assert _same_default(defaults[option], shown), (option, defaults[option], shown)
 
 
+def test_summary_keys_are_the_documented_ones(write_suite, registry):
+    from sparsebench.summary import build_summary
+
+    body = text(DOCS / "results.md").split("## `summary.json`\n", 1)[1].split("plus what\nplugins add", 1)[0]
+    documented = {key.strip() for chunk in re.findall(r"`([^`]+)`", body) for key in chunk.split(",")}
+    cfg = run_configs(write_suite(methods=[{"static": {"distribution": "erk"}}]), registry)[0]
+    setup, result = train_config(cfg, registry)
+    summary = build_summary(setup, result)
+    summary.setdefault("error", None)  # written by failed runs only
+    assert set(summary) == documented - {"ok", "failed"}
+
+
 def test_shipped_suites_table_counts_the_runs_of_each_suite(registry):
     from sparsebench.suites import expand_suite
 
