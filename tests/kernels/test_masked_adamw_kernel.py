@@ -12,8 +12,11 @@ SHAPES = [(37, 53), (1024,), (2500,), (3, 5, 7), (3,)]
 LRS = [3e-3, 1e-2, 5e-3, 1e-3, 2e-3]  # a schedule writes group["lr"] before every step
 
 
-def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
-    """Parameters with ~70% of every tensor of 2+ dims pruned (masks keyed by the parameter)."""
+def make_params(shapes, dtype=torch.float32, device="cpu", seed=0, premask=True):
+    """Parameters with ~70% of most tensors pruned (masks keyed by the parameter).
+
+    ``premask=False`` leaves the pruned weights non-zero, so the step itself must zero them.
+    """
     gen = torch.Generator().manual_seed(seed)
     params, masks = [], {}
     for shape in shapes:
@@ -21,8 +24,9 @@ def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
         params.append(p)
         if len(shape) >= 2 or shape == (2500,):
             mask = (torch.rand(shape, generator=gen) < 0.3).to(device)
-            with torch.no_grad():
-                p.mul_(mask)
+            if premask:
+                with torch.no_grad():
+                    p.mul_(mask)
             masks[p] = mask
     return params, masks
 
@@ -68,8 +72,8 @@ def assert_same_state(opt_a, params_a, opt_b, params_b, tol):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_reference_matches_torch_adamw_between_grad_and_weight_masking(foreach):
-    params_a, masks_a = make_params(SHAPES)
-    params_b, masks_b = make_params(SHAPES)
+    params_a, masks_a = make_params(SHAPES, premask=False)
+    params_b, masks_b = make_params(SHAPES, premask=False)
     opt_a, opt_b = make_adamw(params_a, foreach=foreach), make_adamw(params_b)
     for step, lr in enumerate(LRS, start=1):
         for opt in (opt_a, opt_b):
@@ -99,8 +103,8 @@ def test_adamw_continues_from_the_state_the_fused_step_leaves():
 
 @pytest.mark.parametrize("betas", [(0.9, 0.95), (0.3, 0.999)])  # lerp weight 1 − β₁ below and above 0.5
 def test_triton_step_matches_reference_over_several_steps(device, betas):
-    params_t, masks_t = make_params(SHAPES, device=device)
-    params_k, masks_k = make_params(SHAPES, device=device)
+    params_t, masks_t = make_params(SHAPES, device=device, premask=False)
+    params_k, masks_k = make_params(SHAPES, device=device, premask=False)
     opt_t, opt_k = make_adamw(params_t, betas=betas), make_adamw(params_k, betas=betas)
     for step, lr in enumerate(LRS, start=1):
         for opt in (opt_t, opt_k):
@@ -113,6 +117,7 @@ def test_triton_step_matches_reference_over_several_steps(device, betas):
         masked_adamw_step(opt_k, masks_k, backend="triton")
         assert all(torch.equal(p.grad, g) for p, g in zip(params_k, grads_before)), "the gradient must stay as it was"
     assert_same_state(opt_t, params_t, opt_k, params_k, TOLERANCE[torch.float32])
+    assert all(torch.all(p.detach()[~mask] == 0) for p, mask in masks_k.items())
     moved = [not torch.equal(p.detach(), q.detach()) for p, q in zip(params_k, make_params(SHAPES, device=device)[0])]
     assert all(moved)
 
