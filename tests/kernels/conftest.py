@@ -1,13 +1,16 @@
 """Triton kernels run on a GPU where there is one, else in Triton's CPU interpreter.
 
-``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a kernel, i.e. when
-``sparsebench_kernels._triton_*`` is first imported; the kernel modules load lazily on the first
-``backend="triton"`` call, so setting the variable when pytest imports this conftest (during
-collection, before any test runs) is early enough for the whole session.
+``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a kernel, i.e. when a
+``sparsebench_kernels._triton_*`` module is first imported, and the interpreter reads it again
+while a kernel runs. Without CUDA this conftest imports the kernel modules with
+``TRITON_INTERPRET=1`` when pytest collects this folder (before any test runs, whatever imports
+them later) and sets the variable again for every test in this folder only, so the rest of the
+suite (and the processes it starts, e.g. DeepSpeed's) never sees it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -15,8 +18,25 @@ import torch
 
 from sparsebench_kernels.dispatch import triton_installed
 
-if not torch.cuda.is_available():
+INTERPRETED = not torch.cuda.is_available()
+
+if INTERPRETED and triton_installed():
+    _before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for _module in ("sparsebench_kernels._triton_adamw", "sparsebench_kernels._triton_grad_activity"):
+            importlib.import_module(_module)
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
@@ -28,5 +48,4 @@ def device() -> torch.device:
     """
     if not triton_installed():
         pytest.skip("triton is not installed (it ships for Linux x86-64 only)")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return torch.device("cuda" if torch.cuda.is_available() and not interpreting else "cpu")
+    return torch.device("cpu" if INTERPRETED else "cuda")
