@@ -44,7 +44,7 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, keep_ptr, n, decay, lerp_we
         m = tl.fma(lerp_weight, g - m, m)
     else:
         m = tl.fma(lerp_weight - 1.0, g - m, g)
-    v = v * beta2 + one_minus_beta2 * g * g
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # torch.addcmul: self + (value·t1)·t2, one fma
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
     if HAS_MASK:

@@ -33,8 +33,9 @@ import torch
 
 
 #: How far the Triton step may be from :func:`masked_adamw_torch` after a few steps (``torch.testing``
-#: rtol/atol per storage dtype). The step is elementwise, so fp32 differs only in where an fma
-#: contracts a multiply-add (about one ulp); bf16 by at most one rounding of each stored value.
+#: rtol/atol per storage dtype). The step is elementwise, so fp32 differs by an ulp where torch's
+#: CPU sqrt is not correctly rounded or a compiler contracts a multiply-add; bf16 by at most one
+#: rounding of each stored value.
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-5}}
 
 
