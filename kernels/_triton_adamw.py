@@ -17,12 +17,12 @@ BLOCK = 1024
 def _stored(x, ptr):
     """``x`` (fp32) in ``ptr``'s dtype; bf16 rounds to nearest-even by hand, because Triton's CPU
     interpreter truncates on ``.to(tl.bfloat16)`` where the GPU rounds."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = tl.where(x != x, 0x7FC00000, x.to(tl.uint32, bitcast=True))  # NaN stays NaN
+    if ptr.dtype.element_ty == tl.bfloat16:  # decided at compile time
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x != x, tl.full(bits.shape, 0x7FC00000, tl.uint32), bits)  # NaN stays NaN
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x
+        x = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x
 
 
 @triton.jit

@@ -168,3 +168,21 @@ def test_bad_input_is_refused_with_the_reason():
         masked_adamw_step(torch.optim.AdamW([p], amsgrad=True), masks)
     with pytest.raises(TypeError, match="needs a torch.optim.AdamW"):
         masked_adamw_step(torch.optim.SGD([p], lr=0.1), masks)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
+def test_non_finite_values_are_stored_like_the_reference_in_bf16(device):
+    params_t, masks_t = make_params([(37, 53)], dtype=torch.bfloat16, device=device)
+    params_k, masks_k = make_params([(37, 53)], dtype=torch.bfloat16, device=device)
+    opt_t, opt_k = make_adamw(params_t), make_adamw(params_k)
+    active = masks_k[params_k[0]].view(-1).nonzero().view(-1)[:2].tolist()
+    for params in (params_t, params_k):
+        set_grads(params, 1)
+        params[0].grad.view(-1)[active[0]] = float("inf")
+        params[0].grad.view(-1)[active[1]] = float("nan")
+    masked_adamw_step(opt_t, masks_t, backend="torch")
+    masked_adamw_step(opt_k, masks_k, backend="triton")
+    for t, k in ((params_t[0].detach(), params_k[0].detach()), (opt_t.state[params_t[0]]["exp_avg_sq"],
+                                                               opt_k.state[params_k[0]]["exp_avg_sq"])):
+        assert not torch.isfinite(k.view(-1)[active]).any()
+        torch.testing.assert_close(k, t, equal_nan=True, **TOLERANCE[torch.bfloat16])
