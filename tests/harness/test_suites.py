@@ -11,7 +11,7 @@ from sparsebench.suites import expand_suite
 
 def test_sweep_expands_cartesian_product_times_methods_times_seeds(write_suite, registry):
     path = write_suite(
-        methods=[{"static": {"distribution": "uniform"}}, {"static": {"distribution": "erk"}}],
+        methods=[{"static": {"distribution": "uniform", "label": "uniform"}}, {"static": {"distribution": "erk", "label": "erk"}}],
         seeds=[0, 1],
         sweep={"sparsity": [0.5, 0.9], "training.lr": [1e-3, 3e-3]},
     )
