@@ -83,6 +83,13 @@ def _unwrap(annotation: Any) -> Any:
     return annotation if get_origin(annotation) is None else None
 
 
+def _described(model: type[BaseModel], loc: tuple) -> str:
+    """`` (<field description>)`` where the field has one: it often says what a value means."""
+    parent = _model_at(model, tuple(p for p in loc if isinstance(p, str))[:-1]) if loc else None
+    field = parent.model_fields.get(loc[-1]) if parent is not None and isinstance(loc[-1], str) else None
+    return f" ({field.description})" if field is not None and field.description else ""
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """One line per problem, joined by ``;``: ``key.path: reason (allowed: ...)``."""
     lines = []
@@ -99,7 +106,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
             shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
             if len(shown) > 80:
                 shown = shown[:77] + "...)"
-            lines.append(f"{path or '(top level)'}: {err['msg']}{shown}")
+            lines.append(f"{path or '(top level)'}: {err['msg']}{shown}{_described(model, loc)}")
     return "; ".join(lines)
 
 

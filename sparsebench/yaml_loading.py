@@ -67,6 +67,10 @@ def load_yaml(text: str, where: str) -> Any:
             return None
         _expanded_size(node, where)
         return loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        tag = getattr(exc.problem_mark, "line", None)
+        at = f" at line {tag + 1}" if tag is not None else ""
+        raise SuiteError(f"{where}: YAML tag not allowed{at}: suites hold plain values (no !!python or custom tags)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

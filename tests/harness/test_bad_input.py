@@ -90,7 +90,8 @@ CASES = [
     ("top-level-int-key", _raw("1: 2\n"), [], "top-level key 1 is not a name"),
     ("set-malformed", _tiny_yaml(), ["--set", "training.steps=[1"], "--set training.steps: malformed YAML"),
     ("set-python-tag", _tiny_yaml(), ["--set", "training.steps=!!python/object/apply:os.system ['echo PWNED']"],
-     "--set training.steps: malformed YAML"),
+     "--set training.steps: YAML tag not allowed"),
+    ("python-tag-in-file", _raw("description: !!python/object/apply:os.system ['echo PWNED']\n"), [], "YAML tag not allowed"),
     ("set-no-equals", _tiny_yaml(), ["--set", "training.steps"], "--set expects KEY=VALUE"),
     # §8 alias bomb, and a recursive alias
     ("alias-bomb", BOMB, [], "expands to more than"),
