@@ -136,7 +136,7 @@ def expand_suite(path: Path, registry: Registry, overrides: Optional[dict[str, A
         variant = copy.deepcopy(raw)
         for key, value in zip(sweep, combo):
             set_dotted(variant, key, value)
-        where = f"{path}" + (f" (sweep {', '.join(f'{k}={v}' for k, v in zip(sweep, combo))})" if combo else "")
+        where = f"{path}" + (f" (sweep {', '.join(f'{k}={_short(v)}' for k, v in zip(sweep, combo))})" if combo else "")
         validated = _validate_variant(variant, path, where, registry)
         suite = suite or validated
         for cfg in _runs_of(validated, where, registry):
@@ -150,6 +150,11 @@ def expand_suite(path: Path, registry: Registry, overrides: Optional[dict[str, A
             runs.append(cfg)
     assert suite is not None
     return suite, runs
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_top_level(raw: dict, path: Path) -> None:
