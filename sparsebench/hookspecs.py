@@ -109,7 +109,10 @@ def update_mask(
     unchanged number of active weights per layer unless the method class declares
     ``changes_density = True``), zeroes pruned weights, sets regrown weights to zero, resets
     every optimizer moment of changed positions, masks the gradients and then calls
-    :func:`on_mask_change`. Charge any extra compute on ``run.ledger``.
+    :func:`on_mask_change`. Charge any extra compute on ``run.ledger``. A run whose method
+    declares ``keeps_dense_weights = True`` skips the zeroing, resetting and masking: the method
+    applies its masks in the forward pass, and the harness zeroes the pruned weights once, after
+    the last optimizer step.
     """
 
 
@@ -132,7 +135,8 @@ def on_mask_change(
 def before_optimizer_step(run: "Run", step: int) -> None:
     """Called right before ``optimizer.step()``, after gradient masking and clipping.
 
-    Gradients of pruned weights are zero here. Returns nothing.
+    Gradients of pruned weights are zero here (dense, unless a plugin declares
+    ``keeps_dense_weights``). Returns nothing.
     """
 
 

@@ -15,7 +15,7 @@ from sparsebench.context import Run, perplexity
 from sparsebench.distributed import make_trainer
 from sparsebench.errors import SparsebenchError
 from sparsebench.losses import autocast_context, cross_entropy
-from sparsebench.engines.mask_ops import MaskUpkeep, apply_mask_change, validate_masks
+from sparsebench.engines.mask_ops import MaskUpkeep, apply_mask_change, validate_masks, zero_pruned_weights
 from sparsebench.memory import PeakMemory
 from sparsebench.schedule import set_lr
 from sparsebench.run_setup import Setup
@@ -78,7 +78,7 @@ def train(
     checkpoints written to ``run.out_dir`` when it is set)."""
     run, hooks, t = setup.run, setup.hooks, setup.run.config.training
     checkpoints = checkpoints or Checkpointer(setup)
-    timings, memory, upkeep = Timings(), PeakMemory(run.device), MaskUpkeep(run.sparsifiable)
+    timings, memory, upkeep = Timings(), PeakMemory(run.device), MaskUpkeep(run.sparsifiable, not setup.keeps_dense)
     method_name = run.config.method.name
     started = time.perf_counter()
     memory.reset()
@@ -98,6 +98,8 @@ def train(
         upkeep.set_masks(run.masks)
     densities = {n: run.density(n) for n in run.masks}
     ds = make_trainer(setup, checkpoints)  # DeepSpeed engine (None in one process); copies the masked weights
+    if ds and setup.keeps_dense:
+        raise SparsebenchError(f"method '{method_name}' keeps dense weights (keeps_dense_weights), which DeepSpeed runs do not support yet")
     if ds:
         ds.set_masks(run.masks)
     hooks.on_train_start(run=run)
@@ -137,7 +139,7 @@ def train(
         if change:
             old = {n: run.masks[n] for n in change}
             validate_masks(change, run.sparsifiable, old, method_name, setup.keep_counts)
-            changed = apply_mask_change(run.optimizer, run.sparsifiable, old, change)
+            changed = apply_mask_change(run.optimizer, run.sparsifiable, old, change, setup.keeps_dense)
             if ds:
                 ds.reset_state(old, change)
             run.masks = {**run.masks, **change}
@@ -164,6 +166,8 @@ def train(
             run.optimizer.zero_grad(set_to_none=True)
         upkeep_start = time.perf_counter()
         upkeep.mask_weights()
+        if setup.keeps_dense and step == t.steps:  # the method kept dense weights: the model ends sparse
+            zero_pruned_weights(run.sparsifiable, run.masks)
         timings.upkeep_s += time.perf_counter() - upkeep_start
         hooks.after_optimizer_step(run=run, step=step)
         if ds and ds.edits_after_step:

@@ -27,6 +27,11 @@ class Method:
     Config: ClassVar[type[BaseModel]] = NoOptions
     #: True if update_mask may change the number of active weights (pruning methods)
     changes_density: ClassVar[bool] = False
+    #: True if the method keeps the dense values of pruned weights (straight-through methods such
+    #: as SR-STE): the harness then neither zeroes pruned weights nor masks their gradients nor
+    #: resets their optimizer state at mask changes, and zeroes them once, after the last
+    #: optimizer step. The method must apply its masks in the forward pass itself.
+    keeps_dense_weights: ClassVar[bool] = False
     #: observers (loggers, progress bars) are not counted in the method's overhead
     observer: ClassVar[bool] = False
     #: a module or class of extra hookspecs this method defines (``pm.add_hookspecs``)
