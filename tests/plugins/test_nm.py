@@ -237,3 +237,39 @@ def test_cli_run_of_nm_ends_at_sparsity_one_half(write_suite, tmp_path):
         assert _groups_along_input(mask, in_dim, 4).eq(2).all(), name
     config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
     assert config["method"]["name"] == "nm"
+
+
+def test_a_run_resumed_from_a_mid_run_checkpoint_ends_identical(tmp_path):
+    import shutil
+
+    from sparsebench.checkpoint import Checkpointer, checkpoint_name, remove_checkpoint
+    from sparsebench.conformance import tiny_run_config
+    from sparsebench.registry import Registry
+    from sparsebench.run_setup import setup_run
+
+    registry = Registry()
+    registry.register(NM, "tests")
+    cfg = tiny_run_config(NM, steps=8)
+    cfg.training.checkpoint_every, cfg.training.keep_checkpoints = 4, 2
+
+    messages = []
+
+    def train_in(run_dir, resume):
+        run_dir.mkdir(exist_ok=True)
+        setup = setup_run(cfg, registry, run_dir)
+        try:
+            train(setup, checkpoints=Checkpointer(setup, resume=resume, notify=messages.append))
+        finally:
+            setup.run.metrics.close()
+        return setup
+
+    full = train_in(tmp_path / "full", resume=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    remove_checkpoint(tmp_path / "resumed" / checkpoint_name(8))  # as if killed between steps 4 and 8
+    resumed = train_in(tmp_path / "resumed", resume=True)
+    assert any("resumed from ckpt-00000004.pt" in m for m in messages), messages
+    assert resumed.run.plugins["nm"].recomputations == full.run.plugins["nm"].recomputations
+    for name, mask in full.run.masks.items():
+        assert resumed.run.masks[name].equal(mask), name
+    for key, value in full.run.model.state_dict().items():
+        assert torch.equal(resumed.run.model.state_dict()[key], value), key
