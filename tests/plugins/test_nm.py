@@ -203,6 +203,47 @@ def test_state_dict_round_trip_restores_the_forward_masks():
     assert all(fresh.masks[n].equal(m) for n, m in method.masks.items())
 
 
+class _DenseStandIn:
+    """Stands in for a semi-structured tensor class on CPU: ``from_dense`` keeps the dense
+    ``(out, in)`` matrix, so the layouts handed to ``addmm``/``F.linear`` are checked, not the kernels."""
+
+    BACKEND = "stand-in"
+    refuse_rows: int = -1
+
+    @classmethod
+    def from_dense(cls, dense):
+        if dense.shape[0] == cls.refuse_rows:
+            raise RuntimeError("shape not supported")
+        return dense.clone()
+
+
+@pytest.mark.parametrize("model", ["gpt-nano", "llama-nano"])
+def test_evaluation_kernel_path_hands_each_layer_its_weight_in_the_layout_its_forward_reads(model):
+    from sparsebench_plugins.nm import SemiStructuredEval
+
+    setup = tiny_setup(NM, model=model)
+    setup.run.metrics.close()
+    start_run(setup)
+    run, method = setup.run, setup.run.plugins["nm"]
+    method.on_train_start(run=run)
+    evaluator = SemiStructuredEval(run)
+    evaluator.cls = type("Refusing", (_DenseStandIn,), {"refuse_rows": next(iter(run.sparsifiable.values())).shape[1]
+                                                        if model == "gpt-nano" else -1})
+    problems = evaluator.probe()
+    assert all("shape not supported" in p for p in problems.values())
+    assert len(problems) == (2 if model == "gpt-nano" else 0)  # c_attn of both blocks: its 3·n_embd output rows are refused
+    method._eval = evaluator
+    ref = _unhooked_copy_with_zeros(run.model, run.masks)
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(3))
+    run.model.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert len(evaluator.cache) == len(run.layers) - len(problems)
+    method.after_optimizer_step(run=run, step=1)
+    assert not evaluator.cache  # the weights changed: compressed again at the next evaluation
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
