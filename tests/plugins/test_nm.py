@@ -314,3 +314,15 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_ends_identical(tmp_path):
         assert resumed.run.masks[name].equal(mask), name
     for key, value in full.run.model.state_dict().items():
         assert torch.equal(resumed.run.model.state_dict()[key], value), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the benchmark measures")
+def test_speedup_benchmark_says_it_needs_cuda_and_measures_nothing(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "nm_speedup.py"
+    result = subprocess.run([sys.executable, str(script), "--json", str(tmp_path / "figures.json")],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "need CUDA" in result.stdout and "Nothing measured" in result.stdout
+    assert not (tmp_path / "figures.json").exists()
