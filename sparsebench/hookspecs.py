@@ -126,7 +126,7 @@ def on_mask_change(
     :param new: their new masks (already in ``run.masks``).
 
     Called after the harness applied a change (regrown weights are zero and their optimizer
-    state reset). A plugin may re-initialise regrown weights (``new & ~old``) or start a burn-in.
+    state reset, unless a plugin declares ``keeps_dense_weights``). A plugin may re-initialise regrown weights (``new & ~old``) or start a burn-in.
     Not called for the initial masks. Returns nothing.
     """
 
