@@ -30,6 +30,7 @@ class Setup:
     test_batches: list
     timer: HookTimer
     keep_counts: bool
+    keeps_dense: bool = False  # a plugin declares keeps_dense_weights (see Method)
 
 
 def seed_everything(seed: int) -> None:
@@ -132,4 +133,5 @@ def setup_run(
         plugins=dict(plugins),
     )
     keep_counts = not any(getattr(p, "changes_density", False) for _, p in plugins)
-    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts)
+    keeps_dense = any(getattr(p, "keeps_dense_weights", False) for _, p in plugins)
+    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts, keeps_dense)

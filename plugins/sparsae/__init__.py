@@ -42,6 +42,7 @@ class SparsAE(Method):
     """The full method: mask search + Kaiming regrowth + mini burn-in + EMA-teacher distillation."""
 
     name = "sparsae"
+    min_heldout_batches = 2  # the search scores candidates on one batch, the stagnation check uses another
     Config = SparsAEConfig
     #: its mask search moves connections between layers (the global count is exact)
     changes_density = True

@@ -24,7 +24,7 @@ class LocalEngine(Engine):
         (loss / self.run.config.training.grad_accum).backward()
 
     def apply_mask_change(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        return apply_mask_change(self.run.optimizer, self.run.sparsifiable, old, new)
+        return apply_mask_change(self.run.optimizer, self.run.sparsifiable, old, new, keep_dense=self.keeps_dense)
 
     def step(self) -> Optional[float]:
         self.run.optimizer.step()
