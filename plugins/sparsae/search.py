@@ -11,8 +11,8 @@ Every ``mask_update_every`` (K) optimizer steps, inside ``update_mask``:
    per-layer sparsity bounds;
 3. M and every mutant are evaluated on the same search micro-batch (the other held-out batches,
    rotated between updates; with ``candidate_adapt_steps`` > 0 each candidate first takes that
-   many reverted adaptation steps on the next batch of the rotation, see :meth:`MaskSearch.adapt`): the swaps are applied to the weights in place, one forward and one
-   backward (``torch.autograd.grad``, so the training gradient in ``p.grad`` is kept) give the
+   many reverted adaptation steps on the next batch of the rotation, see :meth:`MaskSearch.adapt`):
+   the swaps are applied to the weights in place, one forward and one backward (``torch.autograd.grad``, so the training gradient in ``p.grad`` is kept) give the
    cross-entropy and the gradient, then the weights are restored bit for bit;
 4. candidates with a non-finite loss or gradient are rejected; the lowest composite proxy
    (:mod:`.proxy`) wins, and the running statistics and adaptive bounds see the winner.
@@ -344,8 +344,9 @@ class MaskSearch(Method):
         weight moves by at most η, less where its gradient has been large. The steps use a held-out
         batch other than the scoring batch (so a candidate cannot win by fitting the batch it is
         scored on; the same batch only when the scoring pool holds one) and are never kept:
-        training continues from the candidate as drawn, so no held-out data leaks into the weights. Cost: 3 forward passes per step and candidate,
-        charged with the search; memory: one copy of the sparsifiable weights.
+        training continues from the candidate as drawn, so no held-out data leaks into the weights.
+        Cost: 3 forward passes per step and candidate, charged with the search; memory: one copy of
+        the sparsifiable weights.
         """
         params = run.sparsifiable
         names = list(params)
