@@ -12,8 +12,10 @@ from sparsebench_plugins.rigl import RigL
 from sparsebench_plugins.set_method import SET
 from sparsebench_plugins.sparsae import METHODS as SPARSAE_METHODS
 from sparsebench_plugins.static import Static
+from sparsebench_plugins.gumbel_tokens import GumbelTokens
 
 METHODS = [Dense, Static, Magnitude, GMP, SET, RigL, Gumbel]
+METHODS += [GumbelTokens]
 METHODS += SPARSAE_METHODS  # sparsae and its components (sparsae_search, kaiming_regrow, burn_in, ema_distill)
 
 
