@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
 from sparsebench.methods import Method
+from sparsebench.errors import PluginError
 
 GATE_FLOPS = "gumbel_tokens_gates"  # the predictor and the fill-in, charged
 SKIPPED_FLOPS = "gumbel_tokens_skipped"  # the MLP work of skipped positions, credited (a negative charge)
@@ -145,7 +146,7 @@ class GumbelTokens(Method):
         pattern = re.compile(c.module_pattern)
         self.module_names = [n for n, _ in run.model.named_modules() if n and pattern.search(n)]
         if not self.module_names:
-            raise ValueError(f"gumbel_tokens: no module of the model matches module_pattern {c.module_pattern!r}")
+            raise PluginError(f"gumbel_tokens: no module of the model matches module_pattern {c.module_pattern!r}")
         self._d = int(run.model.config.hidden_size)
         seed = int(torch.randint(0, 2**62, (1,), generator=run.generator))
         self.noise = torch.Generator(device=run.device).manual_seed(seed)

@@ -207,3 +207,8 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_did(tmp_path):
     ref_gates = reference.plugins["gumbel_tokens"].gates.state_dict()
     for k, v in run.plugins["gumbel_tokens"].gates.state_dict().items():
         assert torch.equal(v, ref_gates[k]), k
+
+
+def test_a_pattern_that_matches_no_module_is_refused_with_its_name():
+    with pytest.raises(Exception, match="no module of the model matches module_pattern"):
+        _started(module_pattern="^nothing$")
