@@ -7,6 +7,7 @@ Every method here is written exactly as a third-party plugin would be: a class w
 from sparsebench_plugins.dense import Dense
 from sparsebench_plugins.gmp import GMP
 from sparsebench_plugins.gumbel import Gumbel
+from sparsebench_plugins.gumbel_tokens import GumbelTokens
 from sparsebench_plugins.magnitude import Magnitude
 from sparsebench_plugins.nm import NM
 from sparsebench_plugins.rigl import RigL
@@ -14,9 +15,8 @@ from sparsebench_plugins.set_method import SET
 from sparsebench_plugins.sparsae import METHODS as SPARSAE_METHODS
 from sparsebench_plugins.static import Static
 
-METHODS = [Dense, Static, Magnitude, GMP, SET, RigL, Gumbel]
+METHODS = [Dense, Static, Magnitude, GMP, SET, RigL, Gumbel, GumbelTokens, NM]
 METHODS += SPARSAE_METHODS  # sparsae and its components (sparsae_search, kaiming_regrow, burn_in, ema_distill)
-METHODS += [NM]
 
 
 def register_methods(register):

@@ -36,7 +36,7 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ema_beta: float = Field(0.999, ge=0, lt=1, description="EMA decay β of the teacher")
     ema_warmup: bool = Field(
-        True, description="use min(β, (1+n)/(10+n)) after n EMA updates, so early teachers are not the random init"
+        False, description="true: use min(β, (1+n)/(10+n)) after n EMA updates (a ramp; the spec's constant β is the default)"
     )
     alpha_0: float = Field(0.5, ge=0, description="distillation weight right after the warm-up")
     alpha_f: float = Field(0.1, ge=0, description="final distillation weight")

@@ -2,18 +2,23 @@
 
 Every ``mask_update_every`` (K) optimizer steps, inside ``update_mask``:
 
-1. the held-out perplexity is measured on a micro-batch kept apart for it (the last batch of
-   ``run.heldout``) and fed to the stagnation rule, which may boost the reset probability;
+1. the held-out perplexity is measured on a micro-batch of ``stagnation_rows`` (32) sequences kept
+   apart for it (the rows of the last ⌈32 / heldout_batch_size⌉ batches of ``run.heldout``) and
+   fed to the stagnation rule, which may boost the reset probability;
 2. λ mutants of the current mask M are drawn as swap lists (:mod:`.swaps`): each makes exactly
    ``round(p_mutate · active)`` swaps — or, with probability ``p_global_reset``, re-shuffles
    ``reset_fraction`` of the active connections — at an unchanged global count, within the
    per-layer sparsity bounds;
 3. M and every mutant are evaluated on the same search micro-batch (the other held-out batches,
-   rotated between updates): the swaps are applied to the weights in place, one forward and one
-   backward (``torch.autograd.grad``, so the training gradient in ``p.grad`` is kept) give the
+   rotated between updates; with ``candidate_adapt_steps`` > 0 each candidate first takes that
+   many reverted adaptation steps on the next batch of the rotation, see :meth:`MaskSearch.adapt`):
+   the swaps are applied to the weights in place, one forward and one backward (``torch.autograd.grad``, so the training gradient in ``p.grad`` is kept) give the
    cross-entropy and the gradient, then the weights are restored bit for bit;
 4. candidates with a non-finite loss or gradient are rejected; the lowest composite proxy
    (:mod:`.proxy`) wins, and the running statistics and adaptive bounds see the winner.
+
+No update runs at the last step (as for RigL and SET): a mask changed then would be evaluated with
+its regrown weights untrained.
 
 Activated weights are evaluated with the values they would get if their candidate won: the run's
 ``kaiming_regrow`` draws (handed over to it for the winner), or zero without that component (the
@@ -32,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sparsebench import Method, hookimpl
 from sparsebench.api import PluginError, autocast_context, cross_entropy, perplexity, random_start
+from sparsebench_plugins.sparsae.adapt import adapt_candidate
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow
 from sparsebench_plugins.sparsae.swaps import Candidate, apply_swaps, count_bounds, revert_swaps, sample_mutant
@@ -74,6 +80,15 @@ class SearchConfig(BaseModel):
         "regrow", description="values of activated weights while evaluated: the run's regrow draws (zero without one), or zero"
     )
     distribution: Literal["uniform", "erk", "er"] = Field("uniform", description="initial per-layer densities")
+    stagnation_rows: int = Field(
+        32, ge=1, description="rows (sequences) of the stagnation micro-batch, from held-out batches kept for it alone"
+    )
+    candidate_adapt_steps: int = Field(
+        0, ge=0, description="beyond the spec: reverted adaptation steps of every candidate on a held-out batch before it is scored"
+    )
+    candidate_adapt_lr_scale: float = Field(
+        1.0, gt=0, description="step size of those adaptation steps relative to the run's current learning rate"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":
@@ -104,6 +119,7 @@ class MaskSearch(Method):
                          "rejected_nonfinite": 0, "bound_changes": 0, "resampled": 0, "dropped": 0}
         self.peak_candidate_bytes = 0
         self._pending_bounds: Optional[dict] = None
+        self._ppl_rows = 0
 
     # ---------------------------------------------------------------------------- set-up
 
@@ -116,7 +132,8 @@ class MaskSearch(Method):
                 f"[{c.min_layer_sparsity}, {c.max_layer_sparsity}]; no mask meets every layer bound"
             )
         if len(run.heldout) < 2:
-            raise PluginError("sparsae: training.heldout_batches must be >= 2 (one batch is kept for the stagnation check)")
+            raise PluginError("sparsae: training.heldout_batches must be >= 2 (the stagnation check keeps batches for "
+                              f"its {c.stagnation_rows} rows, at least one is left to score candidates)")
         numel = {n: p.numel() for n, p in run.sparsifiable.items()}
         self.bounds = AdaptiveBounds({n: c.max_layer_sparsity for n in numel}, numel, run.sparsity, c.grad_floor,
                                      c.grad_floor_patience, c.bound_step, c.bound_cap)
@@ -128,6 +145,22 @@ class MaskSearch(Method):
     def init_mask(self, run, model):
         return random_start(run, self.config.distribution)
 
+    def stagnation_batches(self, pool: list) -> int:
+        """How many batches at the end of the held-out pool the stagnation check keeps for itself:
+        enough for ``stagnation_rows`` rows, but never the first batch (candidates are scored there)."""
+        reserved, rows = 0, 0
+        while rows < self.config.stagnation_rows and reserved < len(pool) - 1:
+            reserved += 1
+            rows += int(pool[-reserved]["input_ids"].shape[0])
+        return reserved
+
+    def stagnation_batch(self, pool: list) -> dict:
+        """The stagnation micro-batch: up to ``stagnation_rows`` rows of the reserved batches (fewer
+        only when the pool is too small; ``sparsae/heldout_rows`` logs how many)."""
+        reserved = pool[len(pool) - self.stagnation_batches(pool):]
+        rows = self.config.stagnation_rows
+        return {k: torch.cat([b[k] for b in reserved])[:rows] for k in ("input_ids", "labels")}
+
     def planned_updates(self, run) -> int:
         return run.total_steps // self.config.mask_update_every
 
@@ -135,7 +168,7 @@ class MaskSearch(Method):
 
     @hookimpl
     def update_mask(self, run, step, masks):
-        if step % self.config.mask_update_every != 0:
+        if step % self.config.mask_update_every != 0 or step >= run.total_steps:
             return None
         start = time.perf_counter()
         try:
@@ -149,8 +182,11 @@ class MaskSearch(Method):
         """One mask update; returns the winner's changed masks or None (M won)."""
         c = self.config
         pool = run.heldout.batches
-        ppl_batch = pool[-1]
-        search_batch = pool[self.batch_position % (len(pool) - 1)]
+        ppl_batch = self.stagnation_batch(pool)
+        self._ppl_rows = int(ppl_batch["input_ids"].shape[0])
+        search_pool = pool[:len(pool) - self.stagnation_batches(pool)]
+        search_batch = search_pool[self.batch_position % len(search_pool)]
+        adapt_batch = search_pool[(self.batch_position + 1) % len(search_pool)]
         self.batch_position += 1
 
         ppl = self.heldout_ppl(run, ppl_batch)
@@ -160,11 +196,12 @@ class MaskSearch(Method):
 
         counts = active_counts(masks)
         candidates = self.draw_candidates(run, masks, counts, p_reset)
-        evaluations = [self.evaluate(run, masks, counts, cand, search_batch) for cand in candidates]
+        evaluations = [self.evaluate(run, masks, counts, cand, search_batch, adapt_batch) for cand in candidates]
         tokens = search_batch["input_ids"].numel()
         densities = {n: counts[n] / masks[n].numel() for n in masks}
+        adapt_tokens = c.candidate_adapt_steps * adapt_batch["input_ids"].numel()
         run.ledger.charge("sparsae_search", run.ledger.forward_cost(ppl_batch["input_ids"].numel(), densities)
-                          + len(candidates) * 3 * run.ledger.forward_cost(tokens, densities))
+                          + len(candidates) * 3 * run.ledger.forward_cost(tokens + adapt_tokens, densities))
 
         weights = self.proxy.weights(self.updates, self.planned_updates(run))
         valid = [i for i, e in enumerate(evaluations) if e["valid"]]
@@ -229,9 +266,12 @@ class MaskSearch(Method):
         finally:
             run.model.train(was_training)
 
-    def evaluate(self, run, masks: dict, counts: dict, candidate: Candidate, batch: dict) -> dict:
+    def evaluate(self, run, masks: dict, counts: dict, candidate: Candidate, batch: dict,
+                 adapt_batch: Optional[dict] = None) -> dict:
         """Forward + backward of the model under ``candidate``; the weights are restored exactly.
 
+        With ``candidate_adapt_steps`` > 0 the candidate first takes those adaptation steps on
+        ``adapt_batch`` (:meth:`adapt`); every sparsifiable weight is then restored from a copy.
         Returns ``valid`` (finite loss and gradients), ``reject`` (why not), ``raw`` (ce, div, grad)
         and ``layer_grad`` / ``layer_sparsity`` per layer.
         """
@@ -240,14 +280,22 @@ class MaskSearch(Method):
         was_training = run.model.training
         run.model.eval()  # no dropout: every candidate sees the same function of its weights
         saved = None
+        adapting = self.config.candidate_adapt_steps > 0 and adapt_batch is not None
+        snapshot = [params[n].detach().clone() for n in names] if adapting else None
         try:
             saved = apply_swaps(params, candidate)
+            if adapting:
+                self.adapt(run, masks, candidate, adapt_batch)
             with torch.enable_grad(), autocast_context(run):
                 logits = run.model(input_ids=batch["input_ids"]).logits
                 ce = cross_entropy(logits, batch["labels"])
             grads = torch.autograd.grad(ce, [params[n] for n in names], allow_unused=True)
         finally:
             revert_swaps(params, candidate, saved)
+            if snapshot is not None:
+                with torch.no_grad():
+                    for name, value in zip(names, snapshot):
+                        params[name].copy_(value)
             run.model.train(was_training)
         rows = []
         for name, g in zip(names, grads):
@@ -279,6 +327,11 @@ class MaskSearch(Method):
         return {"valid": reject is None, "reject": reject, "raw": raw, "layer_grad": layer_grad,
                 "layer_sparsity": layer_sparsity}
 
+    def adapt(self, run, masks: dict, candidate: Candidate, batch: dict) -> None:
+        """``candidate_adapt_steps`` reverted adaptation steps on ``batch`` (see :mod:`.adapt`)."""
+        adapt_candidate(run, masks, candidate, batch, self.config.candidate_adapt_steps,
+                        self.config.candidate_adapt_lr_scale)
+
     def _adopt(self, run, masks: dict, winner: Candidate) -> dict:
         """The winner's new masks; its evaluated init values go to the regrow component."""
         regrow = self._regrow(run)
@@ -304,12 +357,15 @@ class MaskSearch(Method):
         run.log(**{
             "sparsae/update": self.updates,
             "sparsae/candidates": rows,
-            "sparsae/norm": stats,
+            "sparsae/norm": stats,  # running μ, σ per component that normalised this update
+            "sparsae/norm_updated": self.proxy.stats(),  # after folding in the chosen candidate
             "sparsae/weights": weights,
             "sparsae/winner": winner,
             "sparsae/winner_kind": candidates[winner].kind if winner is not None else None,
+            "sparsae/accepted": winner is not None and candidates[winner].kind != "current",
             "sparsae/swaps": candidates[winner].n_swaps if winner is not None else 0,
             "sparsae/heldout_ppl": ppl,
+            "sparsae/heldout_rows": self._ppl_rows,
             "sparsae/stale_updates": self.stagnation.stale,
             "sparsae/reset": {"p": p_reset, "boosted": boosted, "trigger": "stagnation" if boosted else None,
                               "triggered_now": triggered,
@@ -329,6 +385,8 @@ class MaskSearch(Method):
             "sparsae_search_time_s": self.search_time_s,
             "sparsae_search_time_frac": self.search_time_s / train_s if train_s else 0.0,
             "sparsae_updates": self.updates,
+            # accepted mutants per mask update: does the search do anything?
+            "sparsae_accept_rate": self.counters["mask_changes"] / self.updates if self.updates else 0.0,
             "sparsae_candidate_bytes_peak": self.peak_candidate_bytes,
             **{f"sparsae_{k}": v for k, v in self.counters.items()},
         }

@@ -1,9 +1,10 @@
-"""``gumbel``: hard Gumbel-sigmoid masks with straight-through gradients, the sparsity loss, the
-temperature schedule, the exact top-score mask at ``finalize_fraction``, and its charged costs."""
+"""``gumbel``: hard Gumbel-sigmoid masks with straight-through gradients, the Lagrangian sparsity
+controller, the temperature schedule, the exact top-score mask at ``finalize_fraction``, and its
+charged costs."""
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ class Owner:
         self.noise = torch.Generator().manual_seed(seed)
         self.tau, self.sampled, self.sampling_s = tau, {}, 0.0
 
+    def eval_mask(self, name):
+        return Gumbel.eval_mask(self, name)
+
 
 def test_forward_mask_is_hard_and_the_score_gradient_is_straight_through():
     score = torch.nn.Parameter(torch.randn(6, 5))
@@ -48,10 +52,11 @@ def test_forward_mask_is_hard_and_the_score_gradient_is_straight_through():
     assert torch.equal(weight.grad, hard)
 
 
-def test_evaluation_uses_the_noise_free_mask():
-    score = torch.tensor([[-1.0, 2.0], [0.5, -0.1]])
-    weight = torch.ones(2, 2)
-    out = GumbelMask(Owner(score, tau=1.0), "w")(weight, training=False)
+def test_evaluation_keeps_the_top_scores_at_the_samples_expected_density():
+    score = torch.tensor([[-1.0, 2.0], [0.5, -0.1]])  # Σσ(s) = 0.27 + 0.88 + 0.62 + 0.48 ≈ 2.25 → 2 kept
+    owner = Owner(score, tau=1.0)
+    owner.config, owner._eval_masks = GumbelConfig(), None
+    out = GumbelMask(owner, "w")(torch.ones(2, 2), training=False)
     assert out.tolist() == [[0.0, 1.0], [1.0, 0.0]]
 
 
@@ -64,24 +69,32 @@ def test_temperature_anneals_geometrically_from_tau_start_to_tau_end():
     assert method.tau_at(90, 100) == 0.5
 
 
-def test_sparsity_loss_is_weight_times_squared_gap_of_the_sampled_sparsity():
-    setup = tiny_setup(Gumbel, {"sparsity_weight": 0.25, "score_init": 0.0}, steps=8, sparsity=0.8)
+def test_lagrangian_term_uses_the_expected_sparsity_and_the_multipliers_ascend():
+    setup = tiny_setup(Gumbel, {"score_init": 0.0, "target_warmup": 0.0}, steps=8, sparsity=0.8)
     start_run(setup)
     run, method = setup.run, setup.run.plugins["gumbel"]
+    method.lambda1, method.lambda2 = -2.0, 3.0
     ids = torch.randint(0, 32, (2, 16))
-    batch = {"input_ids": ids, "labels": ids}
     outputs = run.model(input_ids=ids)
-    sampled = {n: m.detach().clone() for n, m in method.sampled.items()}
-    assert set(sampled) == set(run.sparsifiable)
-    terms = method.loss_terms(run=run, step=1, batch=batch, outputs=outputs)
-    n = sum(m.numel() for m in sampled.values())
-    current = 1 - sum(float(m.sum()) for m in sampled.values()) / n
-    assert 0.3 < current < 0.7  # score 0: a fair coin per weight
-    assert float(terms["gumbel_sparsity"].detach()) == pytest.approx(0.25 * (current - 0.8) ** 2, rel=1e-5)
-    # its gradient reaches the scores: more sparsity is rewarded, so every score gradient is positive
-    terms["gumbel_sparsity"].backward()
+    terms = method.loss_terms(run=run, step=1, batch={"input_ids": ids, "labels": ids}, outputs=outputs)
+    gap = 0.5 - 0.8  # score 0: σ(0) = 1/2 is every weight's keep probability, so s = 0.5 exactly
+    assert float(terms["gumbel_lagrangian"].detach()) == pytest.approx(-2.0 * gap + 3.0 * gap**2, rel=1e-5)
+    # the term pulls every score down (towards sparsity) while λ1 + 2λ2·gap < 0
+    terms["gumbel_lagrangian"].backward()
     assert all(bool((s.grad > 0).all()) for s in method.scores.values())
+    method.after_optimizer_step(run=run, step=1)  # ascent: λ1 += η·gap, λ2 += η₂·gap²
+    assert method.lambda1 == pytest.approx(-2.0 + 0.3 * gap)
+    assert method.lambda2 == pytest.approx(3.0 + 30.0 * gap**2)
     run.metrics.close()
+
+
+def test_target_ramps_from_zero_over_the_warmup_share_of_the_learning_phase():
+    method = Gumbel(GumbelConfig(target_warmup=0.5, finalize_fraction=0.75))
+    assert method.finalize_step(400) == 300
+    assert method.target_at(0, 400, 0.8) == 0.0
+    assert method.target_at(75, 400, 0.8) == pytest.approx(0.4)
+    assert method.target_at(150, 400, 0.8) == pytest.approx(0.8)
+    assert method.target_at(290, 400, 0.8) == pytest.approx(0.8)
 
 
 class Probe:
@@ -149,14 +162,42 @@ def test_learning_phase_is_charged_dense_plus_the_sampling_and_the_scores_memory
     assert extra["overhead_frac"] == pytest.approx((1.0 + method.sampling_s) / 10.0)
 
 
-def test_the_sparsity_loss_pushes_scores_down():
-    means = {}
-    for weight in (0.0, 1000.0):
-        setup, _ = _run(sparsity_weight=weight, score_init=0.0, finalize_fraction=0.9)
-        scores = setup.run.plugins["gumbel"].scores.values()
-        means[weight] = sum(float(s.detach().sum()) for s in scores) / sum(s.numel() for s in scores)
-    assert means[1000.0] < means[0.0] - 5e-3
-    assert not math.isclose(means[0.0], 0.0, abs_tol=1e-6)  # the task loss moves the scores too
+def _tiny_400_steps(tmp_path):
+    from sparsebench.conformance import single_thread, tiny_run_config
+    from sparsebench.registry import Registry
+    from sparsebench.run_setup import setup_run
+
+    cfg = tiny_run_config(Gumbel, steps=400, sparsity=0.8, batch_size=8)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": 32}),
+                                 "training": cfg.training.model_copy(update={"log_every": 10})})
+    registry = Registry()
+    registry.register(Gumbel, "tests")
+    with single_thread():
+        setup = setup_run(cfg, registry, tmp_path)
+        try:
+            train(setup)
+        finally:
+            setup.run.metrics.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return setup, records
+
+
+def test_default_options_reach_the_target_by_learning_before_the_mask_is_fixed(tmp_path):
+    setup, records = _tiny_400_steps(tmp_path)
+    method = setup.run.plugins["gumbel"]
+    fixed_at = method.finalize_step(400)
+    learning = [r for r in records if "gumbel/sparsity" in r]
+    assert [r["step"] for r in learning] == list(range(10, fixed_at + 1, 10))  # every logged learning step
+    assert all("gumbel/expected_sparsity" in r for r in learning)
+    last = learning[-1]
+    assert last["step"] == fixed_at
+    assert abs(last["gumbel/sparsity"] - 0.8) <= 0.05, [(r["step"], r["gumbel/sparsity"]) for r in learning]
+    assert learning[0]["gumbel/sparsity"] < 0.1  # it started near-dense: the controller did the work
+    # the cut is reported, and it changed little of what was learned
+    summary = method.on_run_end(run=setup.run, summary={})
+    assert 0.0 <= summary["gumbel_cut_changed_frac"] <= 0.25
+    assert abs(summary["gumbel_learned_sparsity_at_cut"] - 0.8) <= 0.05
+    assert 0.0 <= summary["gumbel_cut_changed_vs_sample_frac"] <= 1.0
 
 
 def _checkpointed(run_dir, resume):

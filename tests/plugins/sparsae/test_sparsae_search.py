@@ -175,7 +175,9 @@ def test_search_charges_each_candidate_forward_and_backward_on_the_ledger(write_
     search.search(run, 1000, run.masks)
     densities = {n: run.density(n) for n in run.masks}
     tokens = run.heldout.batches[0]["input_ids"].numel()
-    expected = run.ledger.forward_cost(tokens, densities) * (1 + 4 * 3)  # stagnation check + 4 × (fwd + bwd)
+    ppl_tokens = search.stagnation_batch(run.heldout.batches)["input_ids"].numel()
+    expected = run.ledger.forward_cost(ppl_tokens, densities) + run.ledger.forward_cost(tokens, densities) * 4 * 3
+    # the stagnation check's forward + 4 candidates × (fwd + bwd)
     assert run.ledger.by_name["sparsae_search"] - before == pytest.approx(expected)
 
 
@@ -205,7 +207,8 @@ class EvaluatedModelProbe(Method):
     def on_mask_change(self, run, step, old, new):
         search = run.plugins["sparsae_search"]
         pool = run.heldout.batches
-        batch = pool[(search.batch_position - 1) % (len(pool) - 1)]
+        search_pool = pool[:len(pool) - search.stagnation_batches(pool)]
+        batch = search_pool[(search.batch_position - 1) % len(search_pool)]
         logged = run.metrics.pending["sparsae/candidates"][run.metrics.pending["sparsae/winner"]]["ce"]
         run.model.eval()
         with torch.no_grad():
@@ -232,7 +235,7 @@ def test_sparsae_run_keeps_the_global_count_and_logs_every_update(write_suite, r
     assert sum(int(m.sum()) for m in run.masks.values()) == sum(int(m.sum()) for m in result.initial_masks.values())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "sparsae/update" in r]
-    assert [r["step"] for r in updates] == [3, 6, 9, 12]
+    assert [r["step"] for r in updates] == [3, 6, 9]  # none at the last step (12), as for RigL and SET
     for r in updates:
         assert len(r["sparsae/candidates"]) == 4
         assert {"ce", "div", "grad", "n_ce", "n_div", "n_grad", "proxy"} <= set(r["sparsae/candidates"][0])
@@ -245,11 +248,18 @@ def test_sparsae_run_keeps_the_global_count_and_logs_every_update(write_suite, r
     assert any("loss/distill" in r for r in records)
     summary = build_summary(setup, result)
     assert 0 < summary["sparsae_search_time_frac"] < 1
-    assert summary["sparsae_updates"] == 4
+    assert summary["sparsae_updates"] == 3
     assert summary["ema_memory_bytes"] == sum(p.numel() * 4 for p in run.model.parameters()) + sum(
         b.numel() * b.element_size() for b in run.model.buffers())
     assert summary["flops_by_name"]["sparsae_search"] > 0 and summary["flops_by_name"]["ema_teacher"] > 0
     assert summary["sparsae_mask_changes"] == sum(r["sparsae/winner"] != 0 for r in updates)
+    # the spec's diagnostics: running μ, σ before and after the update, the choice, the acceptance rate
+    for r in updates:
+        assert r["sparsae/accepted"] == (r["sparsae/winner"] != 0)
+        for key in ("sparsae/norm", "sparsae/norm_updated"):
+            assert all({"mu", "sigma"} == set(v) for v in r[key].values())
+        assert r["sparsae/heldout_rows"] == 12  # 3 of the 4 held-out batches of 4 rows; one left for scoring
+    assert summary["sparsae_accept_rate"] == pytest.approx(summary["sparsae_mask_changes"] / 3)
 
 
 def test_components_can_be_switched_off(write_suite, registry):
