@@ -50,15 +50,20 @@ def run(
     """Run every run of SUITE and print the comparison table.
 
     Re-running the same command skips finished runs and resumes the others from their last checkpoint.
+    Several processes may run one suite into one --out at once: each run is trained by one of them
+    (a lock per run), the others move on to the runs nobody holds.
 
     Ctrl-C stops after writing a checkpoint of the current step (training.checkpoint_every sets how often).
     """
-    from sparsebench.runner import run_suite
+    from sparsebench.runner import DiskFull, run_suite
 
     if gpus is not None:
         _launch(gpus, suite, out, set_, fresh)
     try:
         outcome = run_suite(suite, out, overrides=_parse_sets(set_), fresh=fresh, console=console)
+    except DiskFull as exc:  # before any run: nothing could be written
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     except SparsebenchError as exc:
         _fail(exc)
         return
@@ -66,8 +71,14 @@ def run(
         _interrupted(exc, suite, out, set_)
     if outcome.skipped:
         console.print(f"{outcome.skipped} run(s) already had results and were skipped (--fresh re-runs them).")
+    if outcome.elsewhere:
+        console.print(f"{len(outcome.elsewhere)} run(s) are running elsewhere (another process holds their lock) "
+                      "and were left to it: " + ", ".join(outcome.elsewhere), highlight=False, soft_wrap=True)
     if outcome.failed:
         err_console.print(f"[bold red]{len(outcome.failed)} run(s) failed[/]; see error.log in their folders.")
+    if outcome.stopped:
+        err_console.print(f"[bold red]stopped:[/] {outcome.stopped}", highlight=False, soft_wrap=True)
+    if outcome.failed or outcome.stopped:
         raise typer.Exit(1)
 
 
