@@ -41,7 +41,7 @@ def run(
     suite: Path = typer.Argument(..., help="suite YAML file"),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="results folder; the suite writes to OUT/<suite name>/"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key, e.g. --set training.steps=50"),
-    fresh: bool = typer.Option(False, "--fresh", help="start every run from scratch, ignoring results and checkpoints already there"),
+    fresh: bool = typer.Option(False, "--fresh", help="start every run from scratch: its old results and checkpoints are removed first"),
     gpus: Optional[int] = typer.Option(
         None, "--gpus", min=1,
         help="train on N ranks through the DeepSpeed launcher (deepspeed --num_gpus N); the suite needs distributed.backend: deepspeed",

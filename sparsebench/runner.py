@@ -23,6 +23,7 @@ from sparsebench.data import load_token_splits
 from sparsebench.engines import make_checkpointer
 from sparsebench.engines.collectives import all_reduce_mean, broadcast_object, is_initialized, is_rank0, rank, rank0_first
 from sparsebench.engines.deepspeed_config import join_if_needed, resolve_run_config, uses_deepspeed
+from sparsebench.errors import SparsebenchError
 from sparsebench.failures import DiskFull, failure_reason, one_line, write_error_log
 from sparsebench.interrupts import InterruptGuard
 from sparsebench.loop import train
@@ -154,17 +155,17 @@ def run_suite(
     join_if_needed(runs)  # under a DeepSpeed launch: every rank runs this function in step
     if not is_rank0():
         console = Console(quiet=True)
+    with rank0_first():  # tokenises into the shared cache once; a refused data source writes nothing
+        prepare_data(runs, console)
     try:
         suite_dir.mkdir(parents=True, exist_ok=True)
         if is_rank0():  # rank 0 alone writes tables, so only its own leftovers can be stale
             with suite_lock(suite_dir):  # never a temporary that another process is about to rename
                 remove_stale_temporaries(suite_dir)  # a table a killed writer never renamed into place
     except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        raise DiskFull(f"disk full: cannot write to {suite_dir} ({one_line(exc)})", {}, False) from None
-    with rank0_first():  # tokenises into the shared cache once
-        prepare_data(runs, console)
+        if is_disk_full(exc):
+            raise DiskFull(f"disk full: cannot write to {suite_dir} ({one_line(exc)})", {}, False) from None
+        raise SparsebenchError(f"--out: cannot write to {suite_dir}: {exc.strerror or exc}") from None
     outcome = SuiteOutcome(suite, suite_dir)
     console.print(f"[bold]{suite.name}[/]: {len(runs)} runs → {suite_dir}")
     seen = {cfg.run_id: _stamp(suite_dir / cfg.run_id) for cfg in runs} if fresh and is_rank0() else {}
@@ -200,6 +201,8 @@ def _run_one(cfg: RunConfig, registry: Registry, outcome: SuiteOutcome, progress
     run_dir = suite_dir / cfg.run_id
     lock = RunLock(suite_dir, cfg.run_id)
     kind, done = broadcast_object(_claim(run_dir, lock, fresh, seen) if is_rank0() else None)  # rank 0 decides
+    if kind == "error":  # every rank raises rank 0's error (a full disk refusing the lock file)
+        raise done
     if kind == "done":
         outcome.summaries.append(done)
         outcome.skipped += 1
@@ -231,8 +234,9 @@ def _run_one(cfg: RunConfig, registry: Registry, outcome: SuiteOutcome, progress
     return True
 
 
-def _claim(run_dir: Path, lock: RunLock, fresh: bool, seen: dict) -> tuple[str, Optional[dict]]:
-    """Rank 0's decision on a run: ("done", its summary), ("elsewhere", None) or ("train", None).
+def _claim(run_dir: Path, lock: RunLock, fresh: bool, seen: dict) -> tuple[str, Any]:
+    """Rank 0's decision on a run: ("done", its summary), ("elsewhere", None), ("train", None), or
+    ("error", the OSError that refused the lock file).
 
     The summary is read again once the lock is held: another process may have finished the run
     between the first look and the lock.
@@ -240,8 +244,11 @@ def _claim(run_dir: Path, lock: RunLock, fresh: bool, seen: dict) -> tuple[str, 
     done = _finished_summary(run_dir, fresh, seen)
     if done is not None:
         return "done", done
-    if not lock.acquire():
-        return "elsewhere", None
+    try:
+        if not lock.acquire():
+            return "elsewhere", None
+    except OSError as exc:
+        return "error", exc
     done = _finished_summary(run_dir, fresh, seen)
     if done is not None:
         lock.release()

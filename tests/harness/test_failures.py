@@ -308,3 +308,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_fails_the_run_and_stops_the_suite
     assert again.exit_code == 0, again.output
     assert "resumed from ckpt-00000002.pt" in (run_dir / "resume.log").read_text()
     assert {s["status"] for s in _summaries(suite_dir).values()} == {"ok"} and len(_summaries(suite_dir)) == 2
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    path = _cli_suite(tmp_path, ["dense"])
+    (tmp_path / "out").write_text("a file, not a folder")
+    result = _invoke(path, tmp_path / "out", registry_with())
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: --out: cannot write to") and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
