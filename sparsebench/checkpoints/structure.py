@@ -8,7 +8,7 @@ fallback loop of :class:`~sparsebench.checkpoints.Checkpointer` treats it as a c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 import torch
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from sparsebench.run_setup import Setup
 
 
-def _refuse(name: str, what: str) -> None:
+def _refuse(name: str, what: str) -> NoReturn:
     raise CheckpointError(f"{name}: {what}")
 
 
