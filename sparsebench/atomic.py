@@ -8,11 +8,13 @@ what a killed writer left.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def file_mode(directory: bool = False) -> int:
@@ -93,3 +95,35 @@ def remove_stale_temporaries(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def retire(folder: Path) -> None:
+    """Move ``folder`` aside in one rename, then delete it.
+
+    After the rename nothing of the old folder is at its path, so a process killed while
+    deleting leaves no half-removed results there, only a ``.<name>.<random>.tmp`` beside it
+    (which :func:`remove_stale_temporaries` deletes).
+    """
+    folder = Path(folder)
+    aside = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is ENOSPC or EDQUOT."""
+    seen: set[int] = set()
+    item: Optional[BaseException] = exc
+    while item is not None and id(item) not in seen:
+        if isinstance(item, OSError) and item.errno in _DISK_FULL:
+            return True
+        seen.add(id(item))
+        item = item.__cause__ or item.__context__
+    return False
+

@@ -67,7 +67,7 @@ def run(
     suite: Path = typer.Argument(..., help="suite YAML file"),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="results folder; the suite writes to OUT/<suite name>/"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key, e.g. --set training.steps=50"),
-    fresh: bool = typer.Option(False, "--fresh", help="start every run from scratch, ignoring results and checkpoints already there"),
+    fresh: bool = typer.Option(False, "--fresh", help="start every run from scratch: its old results and checkpoints are removed first"),
     gpus: Optional[int] = typer.Option(
         None, "--gpus", min=1,
         help="train on N ranks through the DeepSpeed launcher (deepspeed --num_gpus N); the suite needs distributed.backend: deepspeed",
@@ -76,10 +76,12 @@ def run(
     """Run every run of SUITE and print the comparison table.
 
     Re-running the same command skips finished runs and resumes the others from their last checkpoint.
+    Several processes may run one suite into one --out at once: each run is trained by one of them
+    (a lock per run), the others move on to the runs nobody holds.
 
     Ctrl-C stops after writing a checkpoint of the current step (training.checkpoint_every sets how often).
     """
-    from sparsebench.runner import run_suite
+    from sparsebench.runner import DiskFull, run_suite
 
     if gpus is not None:
         _launch(gpus, suite, out, set_, fresh)
@@ -87,6 +89,9 @@ def run(
     try:
         _check_out_dir(out)
         outcome = run_suite(suite, out, overrides=_parse_sets(set_), fresh=fresh, console=console)
+    except DiskFull as exc:  # before any run: nothing could be written
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     except SparsebenchError as exc:
         _remove_empty_new_dirs(out, before)  # a refused suite leaves no empty OUT/<suite>/ behind
         _fail(exc)
@@ -98,8 +103,14 @@ def run(
         _interrupted(exc, suite, out, set_)
     if outcome.skipped:
         console.print(f"{outcome.skipped} run(s) already had results and were skipped (--fresh re-runs them).")
+    if outcome.elsewhere:
+        console.print(f"{len(outcome.elsewhere)} run(s) are running elsewhere (another process holds their lock) "
+                      "and were left to it: " + ", ".join(outcome.elsewhere), highlight=False, soft_wrap=True)
     if outcome.failed:
         err_console.print(f"[bold red]{len(outcome.failed)} run(s) failed[/]; see error.log in their folders.")
+    if outcome.stopped:
+        err_console.print(f"[bold red]stopped:[/] {outcome.stopped}", highlight=False, soft_wrap=True)
+    if outcome.failed or outcome.stopped:
         raise typer.Exit(1)
 
 

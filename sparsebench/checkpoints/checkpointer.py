@@ -24,6 +24,7 @@ from sparsebench.checkpoints.files import (
     write_checkpoint,
 )
 from sparsebench.checkpoints.state import LoopState, apply_checkpoint, capture, check_compatible, truncate_metrics
+from sparsebench.errors import PluginError
 from sparsebench.interrupts import InterruptGuard, RunInterrupted
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Checkpointer:
         self.setup = setup
         local = setup.run.config.distributed.backend == "none"
         self.run_dir: Optional[Path] = setup.run.out_dir if local else None
+        self._optimizer_in_file = local  # an engine that partitions it keeps the optimizer state in its own files
         t = setup.run.config.training
         self.every, self.keep, self.total = t.checkpoint_every, t.keep_checkpoints, t.steps
         self.resume, self.notify, self.interrupt = resume, notify, interrupt
@@ -117,14 +119,24 @@ class Checkpointer:
 
     def _read_usable(self, path: Path) -> dict[str, Any]:
         state = read_checkpoint(path)
-        check_compatible(self.setup, state, path.name)
+        check_compatible(self.setup, state, path.name, optimizer=self._optimizer_in_file)
         return state
 
     def _remove(self, path: Path) -> None:
         remove_checkpoint(path)
 
     def _apply(self, path: Path, state: dict[str, Any]) -> LoopState:
-        loop = apply_checkpoint(self.setup, state)
+        try:
+            loop = apply_checkpoint(self.setup, state)
+        except PluginError:
+            raise
+        except Exception as exc:  # what the structure checks did not foresee: this attempt fails, not the next
+            self._remove(path)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"{path.name}: could not be applied ({type(exc).__name__}: {first}); removed it, the next attempt "
+                "falls back to an older checkpoint or starts from scratch"
+            ) from exc
         self.latest, self._saved_step = path, int(state["step"])
         self._say(f"resumed from {path.name} (step {state['step']} of {self.total}{self._resume_note()})")
         return loop

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,28 @@ def digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+class CheckpointWriteError(SparsebenchError):
+    """A checkpoint could not be written (a full disk, a failing device); the older ones are kept."""
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, or a folder standing where a file belongs."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_checkpoint(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    digest_path(path).unlink(missing_ok=True)
+    _remove(path)
+    _remove(digest_path(path))
 
 
 def remove_orphan_digests(run_dir: Path) -> None:
     """Remove hash files whose checkpoint is missing (a writer killed before its rename)."""
     for digest in Path(run_dir).glob("ckpt-*.pt.sha256"):
         if not digest.with_suffix("").exists():
-            digest.unlink()
+            _remove(digest)
 
 
 def _hash_and_sync(path: Path) -> str:
@@ -88,20 +101,34 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        torch.save(state, tmp)
+        # Through a Python file, a full disk is OSError(ENOSPC); torch.save(state, path) would
+        # report it as an opaque RuntimeError of its zip writer.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         atomic_write_text(digest_path(path), f"{_hash_and_sync(tmp)}  {path.name}\n")
 
-    atomic_write_via(path, write)
+    try:
+        atomic_write_via(path, write)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"{path.name} could not be written ({exc.strerror or exc}); the checkpoints before it are kept"
+        ) from exc
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Verify the hash and load the checkpoint as data; any problem is a one-line CheckpointError."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path.name}: not a file")
     try:
         expected = digest_path(path).read_text(encoding="utf-8").split()[0]
     except (OSError, IndexError):
         raise CheckpointError(f"{path.name}: its checksum file {digest_path(path).name} is missing or empty") from None
-    if file_sha256(path) != expected:
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path.name}: unreadable ({exc.strerror or exc})") from None
+    if actual != expected:
         raise CheckpointError(f"{path.name}: checksum mismatch (the file is truncated or corrupt)")
     try:
         # Tensors return to the device they were saved from, or to the CPU on a machine without a GPU.

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sparsebench.checkpoints.files import FORMAT_VERSION, CheckpointError
+from sparsebench.checkpoints.structure import check_structure
 from sparsebench.errors import PluginError
 
 if TYPE_CHECKING:
@@ -157,23 +158,12 @@ def _pending_metrics(setup: Setup) -> dict[str, Any]:
     return pending
 
 
-def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in tensors.items()}
-
-
-def check_compatible(setup: Setup, state: dict[str, Any], name: str) -> None:
-    """Refuse a checkpoint that another run (or another version of this one) wrote."""
-    run = setup.run
-    if state["run_id"] != run.config.run_id:
+def check_compatible(setup: Setup, state: dict[str, Any], name: str, optimizer: bool = True) -> None:
+    """Refuse a checkpoint that another run (or another version of this one) wrote, or whose contents
+    have the wrong kinds or shapes (:func:`~sparsebench.checkpoints.structure.check_structure`)."""
+    if state["run_id"] != setup.run.config.run_id:
         raise CheckpointError(f"{name}: written by run '{state['run_id']}', not by this run")
-    if not 0 <= int(state["step"]) <= run.total_steps:
-        raise CheckpointError(f"{name}: step {state['step']} is outside 0..{run.total_steps}")
-    if _shapes(state["model"]) != _shapes(run.model.state_dict()):
-        raise CheckpointError(f"{name}: its model weights do not match this run's model")
-    params = {n: p for n, p in run.sparsifiable.items()}
-    for key in ("masks", "initial_masks"):
-        if _shapes(state[key]) != _shapes(params):
-            raise CheckpointError(f"{name}: its {key} do not match this run's sparsifiable weights")
+    check_structure(setup, state, name, optimizer)
     expected = set(_stateful_plugins(setup))
     if set(state["plugins"]) != expected:
         raise CheckpointError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +16,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sparsebench import hookimpl
-from sparsebench.checkpoints import list_checkpoints
+from sparsebench.atomic import atomic_write_text
+from sparsebench.checkpoints import list_checkpoints, read_checkpoint
 from sparsebench.cli import app
 from sparsebench.methods import Method
 from sparsebench.runner import run_suite
@@ -182,3 +185,135 @@ def test_a_failed_run_is_rerun_from_its_last_checkpoint_and_matches_an_unbroken_
     (unbroken,) = run_suite(path, tmp_path / "unbroken", registry, console=quiet).summaries
     for key in ("val_loss", "test_loss", "train_flops", "layer_density", "sparsity_actual"):
         assert resumed[key] == unbroken[key]
+
+
+# --------------------------------------------------------------------------------------------
+# sys.exit in a hook, Ctrl-C in a hook, a full disk
+# --------------------------------------------------------------------------------------------
+
+
+class Exiter(Method):
+    """Calls ``sys.exit(3)`` in ``update_mask`` at step 2 (a plugin that thinks it owns the process)."""
+
+    name = "exiter"
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        if step == 2:
+            sys.exit(3)
+
+
+class CtrlCInHook(Method):
+    """Raises KeyboardInterrupt in ``update_mask`` at step 2."""
+
+    name = "ctrl_c_in_hook"
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        if step == 2:
+            raise KeyboardInterrupt
+
+
+def _cli_suite(tmp_path: Path, methods: list, steps: int = 4, **training) -> Path:
+    suite = {**TINY_SUITE, "training": {**TINY_SUITE["training"], "steps": steps, **training}, "methods": methods}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def _invoke(path: Path, out: Path, registry):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sparsebench.runner.load_registry", lambda: registry)
+        return CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+
+
+def _summaries(suite_dir: Path) -> dict:
+    return {s["label"]: s for s in map(json.loads, map(Path.read_text, suite_dir.glob("*/summary.json")))}
+
+
+def test_sys_exit_in_a_hook_fails_that_run_only_naming_plugin_and_hook(tmp_path):
+    path = _cli_suite(tmp_path, ["dense", "exiter", {"static": {"distribution": "erk"}}])
+    result = _invoke(path, tmp_path / "out", registry_with(Exiter))
+    assert result.exit_code == 1, result.output
+    assert "1 run(s) failed" in result.output
+    summaries = _summaries(tmp_path / "out" / "tiny")
+    assert summaries["dense"]["status"] == "ok" and summaries["static"]["status"] == "ok"  # before and after it
+    assert summaries["exiter"]["status"] == "failed"
+    assert summaries["exiter"]["error"] == (
+        "SystemExit: plugin 'exiter' raised SystemExit(3) in hook 'update_mask' (sys.exit ends the run, not the suite)"
+    )
+    log = (tmp_path / "out" / "tiny" / summaries["exiter"]["run_id"] / "error.log").read_text()
+    assert log.startswith("Traceback") and "sys.exit(3)" in log
+
+
+def test_ctrl_c_in_a_hook_still_stops_the_suite(tmp_path):
+    path = _cli_suite(tmp_path, ["ctrl_c_in_hook", "dense"])
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(path, tmp_path / "out", registry_with(CtrlCInHook), console=Console(quiet=True))
+    assert _summaries(tmp_path / "out" / "tiny") == {}  # neither the interrupted run nor the next one
+
+
+def _full_disk_from(target: str, writes_too: bool):
+    """A torch.save that raises ENOSPC on the checkpoint named ``target``; ``writes_too``: from then on
+    every atomic text write (summary, error.log, tables) fails as well."""
+    real_save = torch.save
+    full = {"now": False}
+
+    def save(obj, f, *args, **kwargs):
+        if f"{target}." in str(getattr(f, "name", f)) or full["now"]:
+            full["now"] = writes_too
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    def write_text(path, text):
+        if full["now"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, text)
+
+    real_write_text = atomic_write_text
+    return save, write_text
+
+
+@pytest.mark.parametrize("writes_too", [False, True], ids=["checkpoint-only", "summary-too"])
+def test_a_full_disk_keeps_the_last_checkpoint_fails_the_run_and_stops_the_suite(tmp_path, writes_too):
+    path = _cli_suite(tmp_path, ["dense", {"static": {"distribution": "erk"}}], steps=6, checkpoint_every=2)
+    out = tmp_path / "out"
+    save, write_text = _full_disk_from("ckpt-00000004.pt", writes_too)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", save)
+        for module in ("sparsebench.results", "sparsebench.failures"):
+            mp.setattr(f"{module}.atomic_write_text", write_text)
+        result = _invoke(path, out, registry_with())
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # typer's exit, no crash
+    assert "failed: disk full: CheckpointWriteError" in result.output and "Stopped the suite: later runs would fail too" in result.output
+    reason = ("disk full: CheckpointWriteError: ckpt-00000004.pt could not be written (No space left on device); "
+              "the checkpoints before it are kept")
+    suite_dir = out / "tiny"
+    (run_dir,) = [p for p in suite_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # static never started
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2]
+    read_checkpoint(run_dir / "ckpt-00000002.pt")  # whole and verified
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "ckpt-00000004.pt.sha256").exists()
+    if writes_too:  # nothing more could be written: the reason is printed, nothing torn is left
+        assert not (run_dir / "summary.json").exists() and not (run_dir / "error.log").exists()
+        assert f"Its summary.json could not be written: status failed, error: {reason}" in " ".join(result.output.split())
+        assert "FAILED" in result.output  # the printed table, made in memory
+    else:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == reason
+        assert "No space left on device" in (run_dir / "error.log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.yaml"]  # nothing written outside --out
+
+    again = _invoke(path, out, registry_with())  # space freed: the run resumes, the suite completes
+    assert again.exit_code == 0, again.output
+    assert "resumed from ckpt-00000002.pt" in (run_dir / "resume.log").read_text()
+    assert {s["status"] for s in _summaries(suite_dir).values()} == {"ok"} and len(_summaries(suite_dir)) == 2
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    path = _cli_suite(tmp_path, ["dense"])
+    (tmp_path / "out").write_text("a file, not a folder")
+    result = _invoke(path, tmp_path / "out", registry_with())
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: --out: cannot write to") and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
