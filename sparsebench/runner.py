@@ -125,6 +125,7 @@ def run_suite(
     with rank0_first():  # tokenises into the shared cache once
         prepare_data(runs, console)
     outcome = SuiteOutcome(suite, suite_dir)
+    run_ids = [cfg.run_id for cfg in runs]  # the tables show the suite as it is now
     console.print(f"[bold]{suite.name}[/]: {len(runs)} runs → {suite_dir}")
 
     with make_progress(console) as progress:
@@ -146,11 +147,11 @@ def run_suite(
                 observer.close()
             outcome.summaries.append(summary)
             if is_rank0():
-                write_suite_tables(suite_dir, suite.name)  # after every run: a kill never loses finished ones
+                write_suite_tables(suite_dir, suite.name, run_ids)  # after every run: a kill never loses finished ones
             progress.advance(suite_task)
     if is_rank0():
-        table = write_suite_tables(suite_dir, suite.name)
-        print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir)))
+        table = write_suite_tables(suite_dir, suite.name, run_ids, plots=True)
+        print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir, run_ids)))
     return outcome
 
 
