@@ -46,10 +46,9 @@ def write_plots(suite_dir: Path, records: list[dict]) -> list[Path]:
     return written
 
 
-def _label(runs: list[dict], flat: dict, swept: list[str]) -> str:
-    base = str(runs[0].get("label") or runs[0].get("method"))
-    extra = ", ".join(f"{k.split('.')[-1]}={flat.get(k)}" for k in swept)
-    return f"{base} ({extra})" if extra else base
+def _extra(flat: dict, swept: list[str]) -> str:
+    """The swept keys that tell configurations of one method apart, e.g. ``lr=0.001``."""
+    return ", ".join(f"{k.split('.')[-1]}={flat.get(k)}" for k in swept if k in flat)
 
 
 def _series(records: list[dict]) -> list[dict[str, Any]]:
@@ -60,7 +59,9 @@ def _series(records: list[dict]) -> list[dict[str, Any]]:
     swept = [k for k in swept_keys([flat for flat, _ in groups])]
     out = []
     for flat, runs in groups:
-        out.append({"label": _label(runs, flat, swept), "method": str(runs[0].get("label") or runs[0].get("method")),
+        method = str(runs[0].get("label") or runs[0].get("method"))
+        extra = _extra(flat, swept)
+        out.append({"label": f"{method} ({extra})" if extra else method, "method": method, "extra": extra,
                     "model": str(runs[0].get("model")), "sparsity": runs[0].get("sparsity_target") or 0.0,
                     "runs": runs})
     return out
@@ -90,18 +91,18 @@ def pareto(records: list[dict], suite_dir: Path):
             i = methods.index(s["method"])
             if s["sparsity"] == 0:  # a dense run: the reference every sparse point is read against
                 ax.axhline(y, color="gray", linestyle="--", linewidth=1)
-                ax.annotate(f"{s['label']} (dense)", (1.0, y), textcoords="offset points", xytext=(-4, 4),
+                ax.annotate(s["label"], (1.0, y), textcoords="offset points", xytext=(-4, 4),
                             ha="right", fontsize=8, color="gray")
             ax.errorbar(x, y, yerr=yerr, marker=MARKERS[i % len(MARKERS)], color=colors[i % len(colors)],
                         linestyle="none", capsize=3, label=s["method"])
-            ax.annotate(f"{s['sparsity']:g}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+            ax.annotate(f"{s['sparsity']:g}" + (f" ({s['extra']})" if s["extra"] else ""), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
         ax.set_xlabel("training FLOPs ×dense")
         ax.set_ylabel("validation perplexity")
         ax.set_title(model)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=8, title="method (label: sparsity)", title_fontsize=8)
+        ax.legend(unique.values(), unique.keys(), fontsize=8, title="method (points: sparsity)", title_fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -207,7 +207,7 @@ def display_table(numeric: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["method", "sparsity", "model", "seeds", "status"])
     ident = [c for c in numeric.columns if c not in ("n_seeds", "seeds", "n_failed", "status", "error")
              and not c.endswith(("_mean", "_std"))]
-    out = numeric[ident].copy()
+    out = numeric[ident].astype(object).map(lambda v: f"{v:g}" if isinstance(v, float) else v)
     out["sparsity"] = [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in numeric["sparsity"]]
     out["seeds"] = numeric["n_seeds"]
     for key, (title, fmt, _) in metric_titles(numeric).items():
