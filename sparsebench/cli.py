@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparsebench.errors import SparsebenchError
@@ -22,7 +23,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[wandb]" is text
     raise typer.Exit(2)
 
 

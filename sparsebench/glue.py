@@ -13,6 +13,7 @@ own TSV layout (``--glue-dir``: ``SST-2/train.tsv``, ``SST-2/dev.tsv``, ``MNLI/d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,8 @@ def finetune(
         raise GlueError(f"{model_dir}: the classification model lacks masked weights "
                         f"({', '.join(sorted(set(masks) - set(fixed))[:3])})")
     train = train[: options.max_train] if options.max_train else train
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    options = dataclasses.replace(options, max_len=min(options.max_len, positions or options.max_len))
     x, attention, y = encode(train, tokenize, options.max_len, pad_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(options.seed)
