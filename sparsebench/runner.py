@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sparsebench.checkpoint import InterruptGuard
+from sparsebench.checkpoint import InterruptGuard, list_checkpoints, remove_checkpoint
 from sparsebench.config import RunConfig
 from sparsebench.data import load_token_splits
 from sparsebench.distributed import broadcast_object, follow_run, is_rank0, join_if_needed, rank0_first, resolve_run_config
@@ -90,7 +91,16 @@ def execute_run(
         if setup is not None:
             setup.run.metrics.close()
     write_json(run_dir / "summary.json", summary)
+    if summary["status"] == "ok" and cfg.training.keep_checkpoints == 0:
+        discard_checkpoints(run_dir)  # after the summary: a kill in between never loses the run
     return summary
+
+
+def discard_checkpoints(run_dir: Path) -> None:
+    """Delete every checkpoint of a finished run (``training.keep_checkpoints: 0``), DeepSpeed's too."""
+    for _, path in list_checkpoints(run_dir):
+        remove_checkpoint(path)
+    shutil.rmtree(run_dir / "deepspeed", ignore_errors=True)
 
 
 def prepare_data(runs: list[RunConfig], console: Console) -> None:

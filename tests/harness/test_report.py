@@ -166,3 +166,21 @@ def test_pivot_fills_the_dense_reference_across_sparsities():
     assert pivot.columns.tolist() == ["method", "0.8", "0.9"]
     assert pivot.set_index("method").loc["dense"].tolist() == [5.0, 5.0]
     assert pivot.set_index("method").loc["rigl"].tolist() == [6.0, 7.0]
+
+
+def test_keep_checkpoints_0_deletes_a_runs_checkpoints_once_it_has_finished(write_suite, tmp_path):
+    path = write_suite(methods=["dense"], training={**TINY_SUITE["training"], "keep_checkpoints": 0,
+                                                   "checkpoint_every": 5})
+    outcome = _run(path, tmp_path / "out")
+    run_dir = tmp_path / "out" / "tiny" / outcome.summaries[0]["run_id"]
+    assert outcome.summaries[0]["status"] == "ok" and (run_dir / "masks.pt").is_file()
+    assert not list(run_dir.glob("ckpt-*"))
+    result = sb("export", run_dir, tmp_path / "hf")
+    assert result.returncode == 2 and "keep_checkpoints" in result.stderr
+
+
+def test_version_prints_the_package_version():
+    import sparsebench
+
+    result = sb("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"sparsebench {sparsebench.__version__}"
