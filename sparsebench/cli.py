@@ -182,7 +182,7 @@ def report(
     all_runs: bool = typer.Option(False, "--all", help="every run on disk, not only the suite's last run (prints; writes nothing)"),
     pivot: bool = typer.Option(False, "--pivot", help="method × sparsity (× model) of --metric, as in papers"),
     metric: str = typer.Option("val_ppl", "--metric", help="the metric of --pivot (a summary.json key)"),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="also write DIR/plots/ (PNG and SVG)"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="also write table.tex and DIR/plots/ (PNG and SVG)"),
 ) -> None:
     """Re-render a suite's tables (summary.csv, table.csv, table.md, table.tex) and plots/.
 
@@ -200,7 +200,7 @@ def report(
         _fail(SparsebenchError(_no_runs_message(directory)))
     numeric = tables.numeric_table(records)
     if not all_runs:
-        write_suite_tables(directory, directory.resolve().name, plots=plots)
+        write_suite_tables(directory, directory.resolve().name, final=plots)
     if pivot:
         if f"{metric}_mean" not in numeric.columns and not any(metric in r for r in records):
             _fail(SparsebenchError(f"--metric: '{metric}' is not a summary key (e.g. val_ppl, test_ppl, train_flops_vs_dense)"))

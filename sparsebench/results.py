@@ -1,4 +1,5 @@
-"""Results: ``summary.json`` per run, ``summary.csv`` and ``table.md`` per suite.
+"""Results: ``summary.json`` per run; ``summary.csv``, ``table.csv``, ``table.md``, ``table.tex``,
+``runs.json`` and ``plots/`` per suite (the tables themselves are built in :mod:`sparsebench.tables`).
 
 Every file is written atomically (temporary file + rename): a kill at any instant leaves the old
 or the new file, never a torn one.
@@ -204,13 +205,14 @@ def write_suite_tables(
     suite_dir: Path,
     suite_name: str,
     run_ids: Optional[list[str]] = None,
-    plots: bool = False,
+    final: bool = False,
 ) -> pd.DataFrame:
-    """(Re)write ``summary.csv``, ``table.csv``, ``table.md`` and ``table.tex`` of a suite.
+    """(Re)write ``summary.csv``, ``table.csv`` and ``table.md`` of a suite.
 
     ``run_ids``: the runs of the suite as it is now (``run`` passes them, and they are recorded in
     ``runs.json``); ``None`` reads the ids from ``runs.json``, or every run in the folder if there
-    is none. ``plots``: also write ``plots/`` (see :mod:`sparsebench.plots`). Returns the display
+    is none. ``final``: also write ``table.tex`` and ``plots/`` (:mod:`sparsebench.plots`), which
+``run`` does once at the end of the suite and ``report`` every time. Returns the display
     table. Nothing is written when no run has a summary yet (a table is never emptied).
     """
     from sparsebench import tables
@@ -228,9 +230,11 @@ def write_suite_tables(
     atomic_write_text(suite_dir / "summary.csv", summaries_frame(records).to_csv(index=False))
     atomic_write_text(suite_dir / "table.csv", numeric.to_csv(index=False))
     atomic_write_text(suite_dir / "table.md", tables.render_markdown(numeric, suite_name, floor))
-    atomic_write_text(suite_dir / "table.tex", tables.render_latex(numeric, caption=f"{suite_name}: mean ± std over seeds"))
-    if plots:
+    if final:
         from sparsebench.plots import write_plots
+
+        caption = f"{suite_name}: mean ± std over seeds"
+        atomic_write_text(suite_dir / "table.tex", tables.render_latex(numeric, caption=caption))
 
         write_plots(suite_dir, records)
     return tables.display_table(numeric)

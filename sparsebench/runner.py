@@ -160,7 +160,7 @@ def run_suite(
                 write_suite_tables(suite_dir, suite.name, run_ids)  # after every run: a kill never loses finished ones
             progress.advance(suite_task)
     if is_rank0():
-        table = write_suite_tables(suite_dir, suite.name, run_ids, plots=True)
+        table = write_suite_tables(suite_dir, suite.name, run_ids, final=True)
         print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir, run_ids)))
     return outcome
 
