@@ -419,8 +419,7 @@ class Checkpointer:
         deepspeed = setup.run.config.distributed.backend == "deepspeed"
         self.run_dir: Optional[Path] = None if deepspeed else setup.run.out_dir
         t = setup.run.config.training
-        # keep_checkpoints 0 keeps one while training (to resume from); the runner deletes it at the end
-        self.every, self.keep, self.total = t.checkpoint_every, max(t.keep_checkpoints, 1), t.steps
+        self.every, self.keep, self.total = t.checkpoint_every, max(t.keep_checkpoints, 1), t.steps  # 0: runner deletes at the end
         self.resume, self.notify, self.interrupt = resume, notify, interrupt
         self.latest: Optional[Path] = None
         self._saved_step: Optional[int] = None

@@ -257,6 +257,7 @@ def eval_(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval-harness tasks, comma-separated (e.g. hellaswag,arc_easy)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: examples in the prompt (default: the task's)"),
     limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task (or a fraction)"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="lm-eval: a folder of extra task YAML files (e.g. on local data)"),
     glue: Optional[str] = typer.Option(None, "--glue", help="GLUE tasks to fine-tune on with the mask fixed: mnli,qqp,sst2,cola,rte or all"),
     glue_dir: Optional[Path] = typer.Option(None, "--glue-dir", help="local GLUE data in GLUE's TSV layout (DIR/SST-2/train.tsv, ...); default: the Hugging Face Hub"),
     epochs: int = typer.Option(3, "--epochs", min=1, help="GLUE: fine-tuning epochs"),
@@ -288,7 +289,7 @@ def eval_(
             results = {}
             if tasks:
                 names = [t.strip() for t in tasks.split(",") if t.strip()]
-                results.update(downstream.lm_eval_tasks(run_dir, names, num_fewshot, limit, batch_size, dev))
+                results.update(downstream.lm_eval_tasks(run_dir, names, num_fewshot, limit, batch_size, dev, include_path))
             if glue_list:
                 results.update(downstream.glue_tasks(run_dir, glue_list, glue_dir, options,
                                                      say=lambda line: console.print(line, highlight=False)))

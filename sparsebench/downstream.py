@@ -73,10 +73,18 @@ def exported(run_dir: Path) -> Path:
 
 
 def lm_eval_tasks(run_dir: Path, tasks: list[str], num_fewshot: Optional[int] = None, limit: Optional[float] = None,
-                  batch_size: int = 8, device: str = "cpu") -> dict[str, dict[str, Any]]:
-    """Evaluate the run's exported model on lm-eval ``tasks``; ``{"lm_eval/<task>": {...}}``."""
+                  batch_size: int = 8, device: str = "cpu", include_path: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    """Evaluate the run's exported model on lm-eval ``tasks``; ``{"lm_eval/<task>": {...}}``.
+
+    ``include_path``: a folder of extra task YAML files (lm-eval's own format, e.g. a local dataset).
+    """
     try:
         import lm_eval
+        extra = {}
+        if include_path is not None:
+            from lm_eval.tasks import TaskManager
+
+            extra["task_manager"] = TaskManager(include_path=str(include_path))
     except ImportError:
         raise EvalError("lm-eval-harness is not installed: pip install sparsebench[eval]") from None
     model_dir = exported(run_dir)
@@ -84,7 +92,7 @@ def lm_eval_tasks(run_dir: Path, tasks: list[str], num_fewshot: Optional[int] = 
         raise EvalError(f"{run_dir}: the run has no tokenizer (synthetic data); lm-eval tasks need text")
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=list(tasks),
-        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, **extra,
     )
     out = {}
     for task, metrics in (results or {}).get("results", {}).items():

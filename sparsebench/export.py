@@ -115,6 +115,9 @@ def hf_tokenizer(tokenizer: Any, seq_len: int):
     if raw is None:
         return None
     extra = {"unk_token": "<unk>"} if tokenizer.spec == "char" else {}
+    newline = tokenizer.encode("\n")
+    if len(newline) == 1:  # documents are joined by newlines in sparsebench's text data: the end of a text
+        extra["eos_token"] = raw.id_to_token(newline[0])  # (lm-eval-harness needs one to start a context)
     return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=seq_len, **extra)
 
 

@@ -105,9 +105,9 @@ def swept_keys(configs: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for c in configs for k in c))
     out = []
     for key in keys:
-        if key in ("sparsity", "model") or key.startswith("method.") and not key.startswith("method.config."):
+        if key in ("sparsity", "model", "method.name", "method.label"):
             continue  # shown as the method/sparsity/model columns
-        if key.startswith("method.config."):
+        if key.startswith("method."):  # options and components: compared within one method only
             by_method: dict[Any, set] = {}
             for c in configs:
                 by_method.setdefault(c.get("method.name"), set()).add(json.dumps(c.get(key), default=str))
@@ -120,7 +120,7 @@ def swept_keys(configs: list[dict]) -> list[str]:
 
 
 def _column_name(key: str) -> str:
-    return key.replace("method.config.", "") if key.startswith("method.config.") else key
+    return key.removeprefix("method.config.")
 
 
 def downstream_columns(records: Iterable[dict]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -138,3 +139,23 @@ def test_a_bad_glue_label_is_refused_naming_file_and_line(tmp_path):
     with pytest.raises(Exception) as info:
         _read_tsv(tmp_path / "dev.tsv", TASKS["rte"])
     assert "dev.tsv: line 2: label 'maybe'" in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("accelerate") is None,
+                    reason="needs pip install sparsebench[eval]")
+def test_eval_runs_a_local_lm_eval_task_on_the_exported_model(text_suite, tmp_path):
+    suite_dir, _ = text_suite
+    data = tmp_path / "choices.jsonl"
+    data.write_text("".join(json.dumps({"q": "the model trains", "choices": [" fast", " zzz"], "label": 0}) + "\n"
+                            for _ in range(4)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_choice", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
+        "output_type": "multiple_choice", "validation_split": "validation", "doc_to_text": "{{q}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}))
+    result = CliRunner().invoke(app, ["eval", str(suite_dir), "--tasks", "tiny_choice", "--include-path",
+                                      str(tmp_path / "tasks"), "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    run_dir = next(p.parent for p in suite_dir.glob("*/summary.json"))
+    entry = json.loads((run_dir / "eval.json").read_text())["lm_eval/tiny_choice"]
+    assert entry["metric"] == "acc" and entry["score"] in (0.0, 1.0)  # four identical questions

@@ -184,3 +184,12 @@ def test_version_prints_the_package_version():
 
     result = sb("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"sparsebench {sparsebench.__version__}"
+
+
+def test_two_model_mappings_are_two_rows_with_their_differing_fields():
+    records = [_record("s", 0, 10.0, {}), _record("s", 0, 20.0, {})]
+    for record, width in zip(records, (32, 64)):
+        record["config"]["model"] = {"family": "gpt2", "n_layer": 2, "n_embd": width}
+    table = numeric_table(records, is_observer=lambda n: False)
+    assert len(table) == 2 and table["model.n_embd"].tolist() == [32, 64]
+    assert "model.n_layer" not in table.columns
