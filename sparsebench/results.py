@@ -168,8 +168,9 @@ def summaries_frame(summaries: Iterable[dict]) -> pd.DataFrame:
     from sparsebench.tables import downstream_columns, group_runs, swept_keys
 
     summaries = list(summaries)
-    swept = swept_keys([flat for flat, _ in group_runs(summaries)])
-    flats = {id(r): flat for flat, runs in group_runs(summaries) for r in runs}
+    groups = group_runs(summaries)
+    swept = swept_keys([flat for flat, _ in groups])
+    flats = {id(r): flat for flat, runs in groups for r in runs}
     rows = []
     for s in summaries:
         row = {k: s.get(k) for k in SUMMARY_KEYS if k not in ("layer_density", "method_config", "versions")}
@@ -229,7 +230,8 @@ def write_suite_tables(
     floor = entropy_floor(records)
     atomic_write_text(suite_dir / "summary.csv", summaries_frame(records).to_csv(index=False))
     atomic_write_text(suite_dir / "table.csv", numeric.to_csv(index=False))
-    atomic_write_text(suite_dir / "table.md", tables.render_markdown(numeric, suite_name, floor))
+    display = tables.display_table(numeric)
+    atomic_write_text(suite_dir / "table.md", tables.markdown_text(display, suite_name, floor))
     if final:
         from sparsebench.plots import write_plots
 
@@ -237,4 +239,4 @@ def write_suite_tables(
         atomic_write_text(suite_dir / "table.tex", tables.render_latex(numeric, caption=caption))
 
         write_plots(suite_dir, records)
-    return tables.display_table(numeric)
+    return display

@@ -12,6 +12,7 @@ columns; markdown and LaTeX are rendered from it with pandas (``to_markdown``,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Callable, Iterable, Optional
@@ -49,6 +50,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+@functools.lru_cache(maxsize=None)  # the registry is loaded once per process, and only for unknown names
 def _default_is_observer(name: str) -> bool:
     if name in KNOWN_OBSERVERS:
         return True
@@ -233,11 +235,15 @@ def best_rows(numeric: pd.DataFrame) -> dict[str, set[int]]:
 
 def render_markdown(numeric: pd.DataFrame, title: str, floor: Optional[float] = None) -> str:
     """``# title``, the synthetic-data floor if known, then the table (``DataFrame.to_markdown``)."""
+    return markdown_text(display_table(numeric), title, floor)
+
+
+def markdown_text(display: pd.DataFrame, title: str, floor: Optional[float] = None) -> str:
+    """:func:`render_markdown` of a table already made by :func:`display_table`."""
     lines = [f"# {title}", ""]
     if floor:
         lines += [f"Synthetic data: the perplexity floor exp(H) is **{floor:.3f}**.", ""]
-    table = display_table(numeric)
-    lines.append(table.to_markdown(index=False, disable_numparse=True))
+    lines.append(display.to_markdown(index=False, disable_numparse=True))
     return "\n".join(lines) + "\n"
 
 
