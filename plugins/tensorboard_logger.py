@@ -8,6 +8,7 @@ never changes what is trained, so adding it to a finished suite re-trains nothin
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
 from sparsebench.methods import Method
+
+
+MISSING = "the tensorboard logger needs the tensorboard package: pip install sparsebench[tensorboard]"
 
 
 class TensorBoardLogger(Method):
@@ -31,6 +35,8 @@ class TensorBoardLogger(Method):
 
     def __init__(self, config: Optional[BaseModel] = None):
         super().__init__(config)
+        if importlib.util.find_spec("tensorboard") is None:  # the run fails at once, in one line
+            raise ImportError(MISSING)
         self.writer: Any = None
         self.initial: dict = {}
 
@@ -39,10 +45,8 @@ class TensorBoardLogger(Method):
         folder = self.config.log_dir or (Path(run.out_dir) / "tensorboard" if run.out_dir else None)
         if folder is None or not _is_rank0():
             return  # a run trained in memory has nowhere to write; other ranks leave it to rank 0
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ImportError("the tensorboard logger needs the tensorboard package: pip install sparsebench[tensorboard]") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(folder), flush_secs=self.config.flush_secs)
         self.writer.add_text("config", f"```\n{run.config.model_dump_json(indent=2)}\n```", 0)
 

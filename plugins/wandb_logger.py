@@ -47,6 +47,8 @@ class WandbLogger(Method):
 
     def __init__(self, config: Optional[BaseModel] = None):
         super().__init__(config)
+        if importlib.util.find_spec("wandb") is None:  # `- wandb` without options: the run fails at once
+            raise ImportError(MISSING)
         self.wb: Any = None
         self.initial: dict = {}
 

@@ -297,7 +297,7 @@ def eval_(
             for key, value in results.items():
                 console.print(f"{run_dir.name}  {key}: {value.get('metric')} {value.get('score')}", highlight=False)
         suite_dir = target if not (target / "summary.json").is_file() else target.parent
-        write_suite_tables(suite_dir, suite_dir.resolve().name)
+        write_suite_tables(suite_dir, suite_dir.resolve().name, final=True)
     except SparsebenchError as exc:
         _fail(exc)
 

@@ -100,3 +100,10 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(write_suite, tmp_pat
     assert steps == ["5/20", "10/20", "15/20", "20/20"], buffer.getvalue()  # every logged step (interval 0)
     assert all("tok/s" in line and "ETA" in line for line in lines if "loss" in line)
     assert "val ppl" in lines[-1]  # the final evaluation
+
+
+def test_a_logger_without_its_package_fails_the_run_saying_what_to_install(write_suite, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    outcome = _run(write_suite, tmp_path, plugins=["tensorboard"])
+    assert outcome.summaries[0]["status"] == "failed"
+    assert "pip install sparsebench[tensorboard]" in outcome.summaries[0]["error"]
