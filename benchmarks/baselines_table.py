@@ -2,7 +2,9 @@
 
     python benchmarks/baselines_table.py results/baselines [--model gpt-nano] [--metric val_ppl]
 
-Reads every ``summary.json`` under the suite folder (``sparsebench run`` writes them). The cost
+Reads the suite's current runs (``runs.json``, else every ``summary.json``; ``sparsebench run``
+writes them); the pivot is :func:`sparsebench.tables.pivot_table`, as ``sparsebench report
+--pivot`` prints it. The cost
 table gives, per method, the mean over sparsities of the measured overhead (wall time inside the
 method's hooks, plus Gumbel's in-forward sampling, ÷ training-step time), of the training FLOPs
 relative to dense, and the method's extra charged FLOPs relative to its training FLOPs.
@@ -11,37 +13,21 @@ relative to dense, and the method's extra charged FLOPs relative to its training
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from sparsebench.results import current_run_ids, read_runs
+from sparsebench.tables import numeric_table, pivot_table, render_pivot
+
 
 def load(suite_dir: Path, model: str | None) -> list[dict]:
-    rows = []
-    for path in sorted(suite_dir.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        if s.get("status") == "ok" and (model is None or s.get("model") == model):
-            rows.append(s)
-    return rows
+    rows = read_runs(suite_dir, current_run_ids(suite_dir))
+    return [s for s in rows if s.get("status") == "ok" and (model is None or s.get("model") == model)]
 
 
 def pivot(rows: list[dict], metric: str) -> str:
-    sparsities = sorted({s["sparsity_target"] for s in rows if s["sparsity_target"] > 0})
-    labels = list(dict.fromkeys(s["label"] for s in rows))
-    cell = defaultdict(list)
-    for s in rows:
-        cell[(s["label"], s["sparsity_target"])].append(s[metric])
-    lines = ["| method | " + " | ".join(f"{x:g}" for x in sparsities) + " |",
-             "|---|" + "---|" * len(sparsities)]
-    for label in labels:
-        if any((label, x) in cell for x in sparsities):
-            values = [f"{statistics.mean(cell[(label, x)]):.2f}" if (label, x) in cell else "—" for x in sparsities]
-        else:  # dense: one run, sparsity 0
-            dense = statistics.mean(v for (l, _), vs in cell.items() if l == label for v in vs)
-            values = [f"{dense:.2f}"] * len(sparsities)
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    return render_pivot(pivot_table(numeric_table(rows, metrics=[metric]), metric))
 
 
 def costs(rows: list[dict]) -> str:
@@ -70,7 +56,7 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {args.suite_dir}")
     print(f"## {args.metric} — {args.suite_dir.name}" + (f", {args.model}" if args.model else ""))
     print()
-    print(pivot(rows, args.metric))
+    print(pivot(rows, args.metric).rstrip())
     print()
     print("## cost")
     print()

@@ -14,9 +14,13 @@ from sparsebench_plugins.rigl import RigL
 from sparsebench_plugins.set_method import SET
 from sparsebench_plugins.sparsae import METHODS as SPARSAE_METHODS
 from sparsebench_plugins.static import Static
+from sparsebench_plugins.csv_logger import CSVLogger
+from sparsebench_plugins.tensorboard_logger import TensorBoardLogger
+from sparsebench_plugins.wandb_logger import WandbLogger
 
 METHODS = [Dense, Static, Magnitude, GMP, SET, RigL, Gumbel, GumbelTokens, NM]
 METHODS += SPARSAE_METHODS  # sparsae and its components (sparsae_search, kaiming_regrow, burn_in, ema_distill)
+METHODS += [TensorBoardLogger, WandbLogger, CSVLogger]  # observers: plugins: [tensorboard]
 
 
 def register_methods(register):

@@ -1,4 +1,4 @@
-"""The ``sparsebench`` command: run, validate, methods, report."""
+"""The ``sparsebench`` command: run, validate, methods, report, export, eval."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparsebench.errors import SparsebenchError
@@ -22,7 +23,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[wandb]" is text
     raise typer.Exit(2)
 
 
@@ -139,9 +140,18 @@ def _launch(gpus: int, suite: Path, out: Path, sets: Optional[List[str]], fresh:
     raise typer.Exit(subprocess.call(command))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import sparsebench
+
+        console.print(f"sparsebench {sparsebench.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     """Benchmark sparse training of transformer LMs."""
     # The DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK says the same.
@@ -212,27 +222,131 @@ def methods() -> None:
 @app.command()
 def report(
     directory: Path = typer.Argument(..., help="a suite's results folder (OUT/<suite name>)"),
-    fmt: str = typer.Option("md", "--format", "-f", help="md | csv | latex"),
+    fmt: str = typer.Option("md", "--format", "-f", help="md | csv | latex (csv: the numeric table.csv)"),
+    all_runs: bool = typer.Option(False, "--all", help="every run on disk, not only the suite's last run (prints; writes nothing)"),
+    pivot: bool = typer.Option(False, "--pivot", help="method × sparsity (× model) of --metric, as in papers"),
+    metric: str = typer.Option("val_ppl", "--metric", help="the metric of --pivot (a summary.json key)"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="also write table.tex and DIR/plots/ (PNG and SVG)"),
 ) -> None:
-    """Re-render the comparison table from the runs' summary.json files."""
-    from sparsebench.results import comparison_table, entropy_floor, read_summaries, render_latex, render_markdown, write_suite_tables
+    """Re-render a suite's tables (summary.csv, table.csv, table.md, table.tex) and plots/.
+
+    The tables show the runs of the suite's last `sparsebench run` (runs.json); --all shows every
+    run in the folder. A folder without runs is refused and no table is overwritten.
+    """
+    from sparsebench import tables
+    from sparsebench.results import current_run_ids, entropy_floor, read_runs, write_suite_tables
 
     if fmt not in ("md", "csv", "latex"):
         _fail(SparsebenchError(f"--format: unknown format '{fmt}'. Allowed: md, csv, latex"))
-    summaries = read_summaries(directory)
-    if not summaries:
-        _fail(SparsebenchError(f"{directory}: no */summary.json found (is it a suite's results folder?)"))
-    try:
-        write_suite_tables(directory, directory.name)
-    except (PermissionError, FileExistsError, IsADirectoryError) as exc:  # e.g. a read-only results folder
-        _fail(SparsebenchError(f"cannot write the tables into {directory}: {exc.strerror or exc} ({exc.filename})"))
-    table = comparison_table(summaries)
+    run_ids = None if all_runs else current_run_ids(directory)
+    records = read_runs(directory, run_ids)
+    if not records:
+        _fail(SparsebenchError(_no_runs_message(directory)))
+    numeric = tables.numeric_table(records)
+    if not all_runs:
+        try:
+            write_suite_tables(directory, directory.resolve().name, final=plots)
+        except (PermissionError, FileExistsError, IsADirectoryError) as exc:  # e.g. a read-only results folder
+            _fail(SparsebenchError(f"cannot write the tables into {directory}: {exc.strerror or exc} ({exc.filename})"))
+    if pivot:
+        if f"{metric}_mean" not in numeric.columns and not any(metric in r for r in records):
+            _fail(SparsebenchError(f"--metric: '{metric}' is not a summary key (e.g. val_ppl, test_ppl, train_flops_vs_dense)"))
+        if f"{metric}_mean" not in numeric.columns:
+            numeric = tables.numeric_table(records, metrics=[metric])
+        text = tables.render_pivot(tables.pivot_table(numeric, metric))
+        sys.stdout.write(f"{metric} — {directory.resolve().name}\n\n{text}")
+        return
     if fmt == "md":
-        sys.stdout.write(render_markdown(table, directory.name, entropy_floor(summaries)))
+        sys.stdout.write(tables.render_markdown(numeric, directory.resolve().name, entropy_floor(records)))
     elif fmt == "csv":
-        sys.stdout.write(table.to_csv(index=False))
+        sys.stdout.write(numeric.to_csv(index=False))
     else:
-        sys.stdout.write(render_latex(table))
+        sys.stdout.write(tables.render_latex(numeric, caption=f"{directory.resolve().name}: mean ± std over seeds"))
+
+
+def _no_runs_message(directory: Path) -> str:
+    if not directory.is_dir():
+        return f"{directory}: no such folder"
+    suites = sorted(p.parent.parent.name for p in directory.glob("*/*/summary.json"))
+    if suites:
+        return f"{directory}: holds suite folders ({', '.join(dict.fromkeys(suites))}); report one of them"
+    return f"{directory}: no run summaries (*/summary.json) found; is it a suite's results folder (OUT/<suite name>)?"
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run's folder (OUT/<suite>/<run-id>)"),
+    out: Path = typer.Argument(..., help="the folder to write (Hugging Face save_pretrained layout)"),
+    check: bool = typer.Option(False, "--check", help="reload OUT with transformers and compare its validation loss with the run's"),
+) -> None:
+    """Write a run's final sparse model as a Hugging Face folder (model, tokenizer, masks.pt).
+
+    Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT); pruned weights are exactly zero.
+    """
+    from sparsebench.export import check_export, export_run
+
+    try:
+        export_run(run_dir, out)
+        console.print(f"exported {run_dir} → {out}", highlight=False)
+        if check:
+            loaded, reported = check_export(out, run_dir)
+            console.print(f"validation loss: exported {loaded:.6f}, run {reported:.6f} (difference {abs(loaded - reported):.2e})",
+                          highlight=False)
+            if abs(loaded - reported) > 1e-4:
+                raise SparsebenchError(f"{out}: the exported model's validation loss differs from the run's")
+    except SparsebenchError as exc:
+        _fail(exc)
+
+
+@app.command(name="eval")
+def eval_(
+    target: Path = typer.Argument(..., help="a finished run's folder, or a suite's results folder (its current runs)"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval-harness tasks, comma-separated (e.g. hellaswag,arc_easy)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: examples in the prompt (default: the task's)"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task (or a fraction)"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="lm-eval: a folder of extra task YAML files (e.g. on local data)"),
+    glue: Optional[str] = typer.Option(None, "--glue", help="GLUE tasks to fine-tune on with the mask fixed: mnli,qqp,sst2,cola,rte or all"),
+    glue_dir: Optional[Path] = typer.Option(None, "--glue-dir", help="local GLUE data in GLUE's TSV layout (DIR/SST-2/train.tsv, ...); default: the Hugging Face Hub"),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="GLUE: fine-tuning epochs"),
+    lr: float = typer.Option(1e-4, "--lr", help="GLUE: AdamW learning rate"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="GLUE fine-tuning and lm-eval batch size"),
+    max_len: int = typer.Option(128, "--max-len", min=1, help="GLUE: tokens per example (truncated)"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", min=1, help="GLUE: only the first N training examples"),
+    seed: int = typer.Option(0, "--seed", help="GLUE: seed of the head's initialisation and the data order"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Downstream evaluation: lm-eval-harness tasks and GLUE fine-tuning with the mask fixed.
+
+    Results go to each run's eval.json and join the suite's tables as columns (lm_eval/<task>, glue/<task>).
+    """
+    from sparsebench import downstream
+    from sparsebench.glue import FinetuneOptions, parse_tasks
+    from sparsebench.results import write_suite_tables
+
+    if not tasks and not glue:
+        _fail(SparsebenchError("eval: nothing to do; give --tasks (lm-eval-harness) and/or --glue (GLUE fine-tuning)"))
+    try:
+        import torch
+
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        glue_list = parse_tasks(glue) if glue else []
+        options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, max_len=max_len,
+                                  max_train=max_train, seed=seed, device=dev)
+        for run_dir in downstream.run_dirs(target):
+            results = {}
+            if tasks:
+                names = [t.strip() for t in tasks.split(",") if t.strip()]
+                results.update(downstream.lm_eval_tasks(run_dir, names, num_fewshot, limit, batch_size, dev, include_path))
+            if glue_list:
+                results.update(downstream.glue_tasks(run_dir, glue_list, glue_dir, options,
+                                                     say=lambda line: console.print(line, highlight=False)))
+            downstream.record(run_dir, results)
+            for key, value in results.items():
+                console.print(f"{run_dir.name}  {key}: {value.get('metric')} {value.get('score')}", highlight=False)
+        suite_dir = target if not (target / "summary.json").is_file() else target.parent
+        write_suite_tables(suite_dir, suite_dir.resolve().name, final=True)
+    except SparsebenchError as exc:
+        _fail(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

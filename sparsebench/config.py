@@ -86,7 +86,7 @@ class TrainingConfig(StrictModel):
     heldout_batches: PositiveInt = Field(8, description="size of the held-out pool for methods that score masks")
     heldout_batch_size: PositiveInt = 16
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
-    keep_checkpoints: PositiveInt = 1
+    keep_checkpoints: int = Field(1, ge=0, description="newest checkpoints kept; 0: delete them once the run has finished")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -1,4 +1,5 @@
-"""Results: ``summary.json`` per run, ``summary.csv`` and ``table.md`` per suite.
+"""Results: ``summary.json`` per run; ``summary.csv``, ``table.csv``, ``table.md``, ``table.tex``,
+``runs.json`` and ``plots/`` per suite (the tables themselves are built in :mod:`sparsebench.tables`).
 
 Every file is written atomically (:mod:`sparsebench.atomic`): a kill at any instant leaves the
 old or the new file, never a torn one.
@@ -58,16 +59,70 @@ def write_run_config(path: Path, config: dict) -> None:
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
 
 
-def read_summaries(suite_dir: Path) -> list[dict]:
+def read_summaries(suite_dir: Path, run_ids: Optional[Iterable[str]] = None) -> list[dict]:
+    """Every ``*/summary.json`` under ``suite_dir`` (or only those of ``run_ids``, in that order)."""
+    if run_ids is None:
+        paths = sorted(Path(suite_dir).glob("*/summary.json"))
+    else:
+        paths = [Path(suite_dir) / run_id / "summary.json" for run_id in run_ids]
     out = []
-    for path in sorted(Path(suite_dir).glob("*/summary.json")):
+    for path in paths:
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a foreign or damaged file never stops a report
+            continue  # a foreign, damaged or not yet written file never stops a report
         if isinstance(summary, dict):  # valid JSON that is not an object is foreign too
             out.append(summary)
     return out
+
+
+def read_runs(suite_dir: Path, run_ids: Optional[Iterable[str]] = None) -> list[dict]:
+    """The summaries, each with its run's resolved ``config`` (config.yaml) and ``downstream``
+    results (eval.json, see :mod:`sparsebench.downstream`) attached for the tables."""
+    records = []
+    for summary in read_summaries(suite_dir, run_ids):
+        run_dir = Path(suite_dir) / str(summary.get("run_id"))
+        record = dict(summary)
+        try:
+            record["config"] = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            pass
+        downstream = read_downstream(run_dir)
+        if downstream:
+            record["downstream"] = downstream
+        records.append(record)
+    return records
+
+
+def read_downstream(run_dir: Path) -> dict[str, float]:
+    """``eval.json``'s headline numbers: ``{"glue/sst2": 0.81, "lm_eval/hellaswag": 0.27}``."""
+    try:
+        data = json.loads((Path(run_dir) / EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v["score"] for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("score"), (int, float))}
+
+
+# --------------------------------------------------------------------------------------------
+# the suite's current runs
+# --------------------------------------------------------------------------------------------
+
+MANIFEST = "runs.json"
+EVAL_FILE = "eval.json"
+
+
+def write_manifest(suite_dir: Path, suite_name: str, run_ids: list[str]) -> None:
+    """``runs.json``: the run ids of the suite as it was last run (what its tables show)."""
+    write_json(Path(suite_dir) / MANIFEST, {"suite": suite_name, "run_ids": list(run_ids)})
+
+
+def current_run_ids(suite_dir: Path) -> Optional[list[str]]:
+    """The run ids of the suite's last ``run`` (``None`` when the folder has no manifest)."""
+    try:
+        data = json.loads((Path(suite_dir) / MANIFEST).read_text(encoding="utf-8"))
+        return [str(r) for r in data["run_ids"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,6 +131,13 @@ def read_summaries(suite_dir: Path) -> list[dict]:
 
 
 def summaries_frame(summaries: Iterable[dict]) -> pd.DataFrame:
+    """``summary.csv``: one row per run, numbers as numbers, swept config keys as columns."""
+    from sparsebench.tables import downstream_columns, group_runs, swept_keys
+
+    summaries = list(summaries)
+    groups = group_runs(summaries)
+    swept = swept_keys([flat for flat, _ in groups])
+    flats = {id(r): flat for flat, runs in groups for r in runs}
     rows = []
     for s in summaries:
         row = {k: s.get(k) for k in SUMMARY_KEYS if k not in ("layer_density", "method_config", "versions")}
@@ -83,48 +145,17 @@ def summaries_frame(summaries: Iterable[dict]) -> pd.DataFrame:
         row["entropy_floor_ppl"] = s.get("entropy_floor_ppl")
         row["sparsity_model"] = s.get("sparsity_model")
         row["method_config"] = json.dumps(s.get("method_config", {}), sort_keys=True)
+        row.update({key: flats[id(s)].get(key) for key in swept})
+        row.update({key: (s.get("downstream") or {}).get(key) for key in downstream_columns(summaries)})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _mean_std(values: pd.Series, fmt: str) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "—"
-    if len(values) == 1:
-        return format(values.iloc[0], fmt)
-    return f"{format(values.mean(), fmt)} ± {format(values.std(ddof=1), fmt)}"
-
-
-TABLE_COLUMNS = [
-    "method", "sparsity", "model", "seeds", "val ppl", "test ppl", "train FLOPs ×dense",
-    "inference FLOPs ×dense", "overhead %", "wall s", "status",
-]
-
-
 def comparison_table(summaries: list[dict]) -> pd.DataFrame:
-    """One row per (method label, sparsity, model); ppl as mean ± std over seeds."""
-    df = summaries_frame(summaries)
-    if df.empty:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
-    rows = []
-    for (label, sparsity, model), g in df.groupby(["label", "sparsity_target", "model"], sort=False, dropna=False):
-        ok = g[g["status"] == "ok"]
-        failed = len(g) - len(ok)
-        rows.append({
-            "method": label,
-            "sparsity": f"{sparsity:g}",
-            "model": model,
-            "seeds": len(g),
-            "val ppl": _mean_std(ok["val_ppl"], ".2f"),
-            "test ppl": _mean_std(ok["test_ppl"], ".2f"),
-            "train FLOPs ×dense": _mean_std(ok["train_flops_vs_dense"], ".3f"),
-            "inference FLOPs ×dense": _mean_std(ok["inference_flops_vs_dense"], ".3f"),
-            "overhead %": _mean_std(ok["overhead_frac"] * 100, ".2f"),
-            "wall s": _mean_std(ok["wall_time_s"], ".1f"),
-            "status": "ok" if not failed else f"FAILED ({failed}/{len(g)}): {g.loc[g['status'] != 'ok', 'error'].iloc[0]}",
-        })
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    """The numeric comparison table (``table.csv``), see :func:`sparsebench.tables.numeric_table`."""
+    from sparsebench.tables import numeric_table
+
+    return numeric_table(summaries)
 
 
 def entropy_floor(summaries: list[dict]) -> Optional[float]:
@@ -133,30 +164,46 @@ def entropy_floor(summaries: list[dict]) -> Optional[float]:
 
 
 def render_markdown(table: pd.DataFrame, title: str, floor: Optional[float]) -> str:
-    lines = [f"# {title}", ""]
-    if floor:
-        lines += [f"Synthetic data: the perplexity floor exp(H) is **{floor:.3f}**.", ""]
-    header = list(table.columns)
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "/") for c in header) + " |")
-    return "\n".join(lines) + "\n"
+    from sparsebench import tables
+
+    return tables.render_markdown(table, title, floor)
 
 
-def render_latex(table: pd.DataFrame) -> str:
-    cols = list(table.columns)
-    esc = lambda s: str(s).replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$").replace("×", r"$\times$")
-    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule", " & ".join(map(esc, cols)) + r" \\", r"\midrule"]
-    lines += [" & ".join(esc(row[c]) for c in cols) + r" \\" for _, row in table.iterrows()]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+def write_suite_tables(
+    suite_dir: Path,
+    suite_name: str,
+    run_ids: Optional[list[str]] = None,
+    final: bool = False,
+) -> pd.DataFrame:
+    """(Re)write ``summary.csv``, ``table.csv`` and ``table.md`` of a suite.
 
+    ``run_ids``: the runs of the suite as it is now (``run`` passes them, and they are recorded in
+    ``runs.json``); ``None`` reads the ids from ``runs.json``, or every run in the folder if there
+    is none. ``final``: also write ``table.tex`` and ``plots/`` (:mod:`sparsebench.plots`), which
+``run`` does once at the end of the suite and ``report`` every time. Returns the display
+    table. Nothing is written when no run has a summary yet (a table is never emptied).
+    """
+    from sparsebench import tables
 
-def write_suite_tables(suite_dir: Path, suite_name: str) -> pd.DataFrame:
-    """(Re)write ``summary.csv`` and ``table.md`` from every run's ``summary.json``."""
-    summaries = read_summaries(suite_dir)
-    atomic_write_text(Path(suite_dir) / "summary.csv", summaries_frame(summaries).to_csv(index=False))
-    table = comparison_table(summaries)
-    atomic_write_text(Path(suite_dir) / "table.md", render_markdown(table, suite_name, entropy_floor(summaries)))
-    return table
+    suite_dir = Path(suite_dir)
+    if run_ids is not None:
+        write_manifest(suite_dir, suite_name, run_ids)
+    else:
+        run_ids = current_run_ids(suite_dir)
+    records = read_runs(suite_dir, run_ids)
+    numeric = tables.numeric_table(records)
+    if not records:
+        return tables.display_table(numeric)
+    floor = entropy_floor(records)
+    atomic_write_text(suite_dir / "summary.csv", summaries_frame(records).to_csv(index=False))
+    atomic_write_text(suite_dir / "table.csv", numeric.to_csv(index=False))
+    display = tables.display_table(numeric)
+    atomic_write_text(suite_dir / "table.md", tables.markdown_text(display, suite_name, floor))
+    if final:
+        from sparsebench.plots import write_plots
+
+        caption = f"{suite_name}: mean ± std over seeds"
+        atomic_write_text(suite_dir / "table.tex", tables.render_latex(numeric, caption=caption))
+
+        write_plots(suite_dir, records)
+    return display

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsebench.atomic import atomic_write_via, is_disk_full, remove_stale_temporaries, retire
+from sparsebench.checkpoints.files import list_checkpoints, remove_checkpoint
 from sparsebench.config import RunConfig
 from sparsebench.data import load_token_splits
 from sparsebench.engines import make_checkpointer
@@ -35,6 +37,7 @@ from sparsebench.results import (
 from sparsebench.run_lock import RunLock, suite_lock
 from sparsebench.run_setup import setup_run
 from sparsebench.suites import SuiteConfig, expand_suite
+from sparsebench.tables import display_table
 from sparsebench.summary import build_summary, failed_summary
 
 __all__ = ["DiskFull", "SuiteOutcome", "execute_run", "one_line", "prepare_data", "run_suite"]
@@ -51,6 +54,8 @@ class SuiteOutcome:
     elsewhere: list[str] = field(default_factory=list)
     #: why the suite stopped before its end (a full disk), else ``None``
     stopped: Optional[str] = None
+    #: the runs of the suite as it is now: its tables show these and no older results
+    run_ids: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[dict]:
@@ -120,7 +125,16 @@ def execute_run(
                 summary = failed_summary(cfg, f"disk full: summary.json could not be written ({one_line(exc)})")
     if disk_full:
         raise DiskFull(f"run {cfg.run_id} failed: {summary.get('error')}", summary, written)
+    if writer and summary.get("status") == "ok" and cfg.training.keep_checkpoints == 0:
+        discard_checkpoints(run_dir)  # after the summary: a kill in between never loses the run
     return summary
+
+
+def discard_checkpoints(run_dir: Path) -> None:
+    """Delete every checkpoint of a finished run (``training.keep_checkpoints: 0``), DeepSpeed's too."""
+    for _, path in list_checkpoints(run_dir):
+        remove_checkpoint(path)
+    shutil.rmtree(run_dir / "deepspeed", ignore_errors=True)
 
 
 def prepare_data(runs: list[RunConfig], console: Console) -> None:
@@ -166,7 +180,7 @@ def run_suite(
         if is_disk_full(exc):
             raise DiskFull(f"disk full: cannot write to {suite_dir} ({one_line(exc)})", {}, False) from None
         raise SparsebenchError(f"--out: cannot write to {suite_dir}: {exc.strerror or exc}") from None
-    outcome = SuiteOutcome(suite, suite_dir)
+    outcome = SuiteOutcome(suite, suite_dir, run_ids=[cfg.run_id for cfg in runs])
     console.print(f"[bold]{suite.name}[/]: {len(runs)} runs → {suite_dir}")
     seen = {cfg.run_id: _stamp(suite_dir / cfg.run_id) for cfg in runs} if fresh and is_rank0() else {}
 
@@ -190,7 +204,7 @@ def run_suite(
         outcome.elsewhere = [cfg.run_id for cfg in pending]
     if is_rank0():
         table = _final_table(outcome)
-        print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir)))
+        print_table(console, table, suite.name, entropy_floor(read_summaries(suite_dir, outcome.run_ids)))
     return outcome
 
 
@@ -290,21 +304,21 @@ def _any_rank(flag: bool) -> bool:
     return all_reduce_mean([float(flag)], device)[0] > 0
 
 
-def _write_tables(outcome: SuiteOutcome):
+def _write_tables(outcome: SuiteOutcome, final: bool = False):
     with suite_lock(outcome.suite_dir):  # one writer at a time: each rewrite reads every summary there
-        return write_suite_tables(outcome.suite_dir, outcome.suite.name)
+        return write_suite_tables(outcome.suite_dir, outcome.suite.name, outcome.run_ids, final=final)
 
 
 def _final_table(outcome: SuiteOutcome):
     """The suite's table as written; from memory where the full disk refused to write it."""
     try:
-        return _write_tables(outcome)
+        return _write_tables(outcome, final=True)  # table.tex and plots/ too, once
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-    summaries = {s.get("run_id"): s for s in read_summaries(outcome.suite_dir)}
+    summaries = {s.get("run_id"): s for s in read_summaries(outcome.suite_dir, outcome.run_ids)}
     summaries.update({s.get("run_id"): s for s in outcome.summaries})
-    return comparison_table(list(summaries.values()))
+    return display_table(comparison_table(list(summaries.values())))
 
 
 def _disk_full_message(exc: DiskFull) -> str:

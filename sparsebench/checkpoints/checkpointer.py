@@ -59,7 +59,8 @@ class Checkpointer:
         self.run_dir: Optional[Path] = setup.run.out_dir if local else None
         self._optimizer_in_file = local  # an engine that partitions it keeps the optimizer state in its own files
         t = setup.run.config.training
-        self.every, self.keep, self.total = t.checkpoint_every, t.keep_checkpoints, t.steps
+        # keep_checkpoints: 0 still keeps one while training (to resume from); the runner deletes it at the end
+        self.every, self.keep, self.total = t.checkpoint_every, max(t.keep_checkpoints, 1), t.steps
         self.resume, self.notify, self.interrupt = resume, notify, interrupt
         self.latest: Optional[Path] = None
         self._saved_step: Optional[int] = None

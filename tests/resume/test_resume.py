@@ -136,7 +136,7 @@ def test_a_changed_config_never_reuses_old_results(tmp_path):
     changed = run_suite(suite, out, overrides={"training.lr": 0.002}, console=Console(quiet=True))
     assert changed.skipped == 0
     assert not {s["run_id"] for s in changed.summaries} & {s["run_id"] for s in first.summaries}
-    assert len([p for p in (out / "tiny").iterdir() if p.is_dir()]) == 4
+    assert len([p for p in (out / "tiny").iterdir() if p.is_dir() and p.name != "plots"]) == 4
 
 
 def test_fresh_reruns_finished_runs_from_scratch(tmp_path):
@@ -234,8 +234,8 @@ def assert_results_intact(suite_dir: Path) -> None:
 
 def assert_same_results(got: Path, want: Path, note: str = "") -> None:
     """Figures (timings aside), masks, final weights and metrics are bit-identical."""
-    want_runs = sorted(p.name for p in want.iterdir() if p.is_dir())
-    assert sorted(p.name for p in got.iterdir() if p.is_dir()) == want_runs, note
+    want_runs = sorted(p.name for p in want.iterdir() if p.is_dir() and p.name != "plots")
+    assert sorted(p.name for p in got.iterdir() if p.is_dir() and p.name != "plots") == want_runs, note
     for name in want_runs:
         a, b = json.loads((got / name / "summary.json").read_text()), json.loads((want / name / "summary.json").read_text())
         assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {k: v for k, v in b.items() if k not in TIMING_KEYS}, note

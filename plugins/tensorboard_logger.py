@@ -1,0 +1,111 @@
+"""TensorBoard logger (an observer): ``plugins: [tensorboard]`` in a suite.
+
+Writes event files to ``<run folder>/tensorboard/`` (or ``log_dir``): every logged scalar (loss,
+learning rate, tokens/s, sparsity, ...), validation loss and perplexity, the density of every
+sparse weight and the mask turnover at each mask change, and the run's final figures. Observing
+never changes what is trained, so adding it to a finished suite re-trains nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparsebench import hookimpl
+from sparsebench.api import Method
+
+
+MISSING = "the tensorboard logger needs the tensorboard package: pip install sparsebench[tensorboard]"
+
+
+class TensorBoardLogger(Method):
+    """Log a run to TensorBoard with ``torch.utils.tensorboard.SummaryWriter``."""
+
+    name = "tensorboard"
+    observer = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        log_dir: Optional[str] = Field(None, description="event-file folder; default: <run folder>/tensorboard")
+        flush_secs: int = Field(10, ge=1, description="seconds between writes of pending events to disk")
+
+    def __init__(self, config: Optional[BaseModel] = None):
+        super().__init__(config)
+        if importlib.util.find_spec("tensorboard") is None:  # the run fails at once, in one line
+            raise ImportError(MISSING)
+        self.writer: Any = None
+        self.initial: dict = {}
+
+    @hookimpl
+    def configure(self, run) -> None:
+        folder = self.config.log_dir or (Path(run.out_dir) / "tensorboard" if run.out_dir else None)
+        if folder is None or not _is_rank0():
+            return  # a run trained in memory has nowhere to write; other ranks leave it to rank 0
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder), flush_secs=self.config.flush_secs)
+        self.writer.add_text("config", f"```\n{run.config.model_dump_json(indent=2)}\n```", 0)
+
+    @hookimpl
+    def on_train_start(self, run) -> None:
+        self.initial = {n: m.clone() for n, m in run.masks.items()}
+        self._masks(run, run.step)
+
+    @hookimpl
+    def on_log(self, run, step: int, record) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key not in ("step", "val_loss", "val_ppl") and _finite(value):
+                self.writer.add_scalar(_tag(key), value, step)
+
+    @hookimpl
+    def on_evaluate(self, run, step: int, metrics) -> None:
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if _finite(value):
+                    self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+
+    @hookimpl
+    def on_mask_change(self, run, step: int, old, new) -> None:
+        self._masks(run, step)
+
+    @hookimpl
+    def on_run_end(self, run, summary) -> None:
+        if self.writer is None:
+            return
+        for key in ("val_ppl", "test_ppl", "sparsity_actual", "train_flops_vs_dense", "inference_flops_vs_dense",
+                    "overhead_frac", "turnover"):
+            if _finite(summary.get(key)):
+                self.writer.add_scalar(f"final/{key}", summary[key], run.step)
+        for name, density in (summary.get("layer_density") or {}).items():
+            self.writer.add_scalar(f"final_density/{name}", density, run.step)
+        self.writer.close()
+        self.writer = None
+
+    def _masks(self, run, step: int) -> None:
+        if self.writer is None or not run.masks:
+            return
+        for name in run.masks:
+            self.writer.add_scalar(f"density/{name}", run.density(name), step)
+        active = sum(int(m.sum()) for m in run.masks.values())
+        moved = sum(int((m & ~self.initial[n]).sum()) for n, m in run.masks.items() if n in self.initial)
+        self.writer.add_scalar("mask/turnover", moved / max(active, 1), step)
+
+
+def _tag(key: str) -> str:
+    return key if "/" in key else f"train/{key}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,120 @@
+"""Weights & Biases logger (an observer): ``plugins: [{wandb: {project: my-project}}]``.
+
+Offline by default (``mode: offline``: files under ``<run folder>/wandb``, no network; upload
+later with ``wandb sync``). Logs every logged scalar (loss, learning rate, tokens/s, sparsity,
+validation loss and perplexity), the density of every sparse weight and the mask turnover at each
+mask change, and the final figures as the W&B run summary. Needs ``pip install sparsebench[wandb]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sparsebench import hookimpl
+from sparsebench.api import Method
+
+MISSING = "the wandb logger needs the wandb package: pip install sparsebench[wandb]"
+
+
+def _require_wandb() -> None:
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError(MISSING)
+
+
+class WandbLogger(Method):
+    """Log a run to Weights & Biases (offline unless ``mode: online``)."""
+
+    name = "wandb"
+    observer = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        project: str = Field("sparsebench", description="W&B project name")
+        entity: Optional[str] = Field(None, description="W&B team or user (default: yours)")
+        mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network")
+        dir: Optional[str] = Field(None, description="folder of W&B's files; default: the run folder")
+
+        @field_validator("project")
+        @classmethod
+        def _installed(cls, value: str) -> str:
+            _require_wandb()  # a suite naming the logger is refused before any training
+            return value
+
+    def __init__(self, config: Optional[BaseModel] = None):
+        super().__init__(config)
+        if importlib.util.find_spec("wandb") is None:  # `- wandb` without options: the run fails at once
+            raise ImportError(MISSING)
+        self.wb: Any = None
+        self.initial: dict = {}
+
+    @hookimpl
+    def configure(self, run) -> None:
+        if not _is_rank0():
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(MISSING) from None
+        folder = self.config.dir or (str(run.out_dir) if run.out_dir else None)
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        cfg = run.config
+        self.wb = wandb.init(project=self.config.project, entity=self.config.entity, mode=self.config.mode,
+                             dir=folder, name=cfg.run_id or None, group=cfg.suite, id=cfg.run_id or None,
+                             config=cfg.model_dump(mode="json", by_alias=True), reinit=True, resume="allow")
+
+    @hookimpl
+    def on_train_start(self, run) -> None:
+        self.initial = {n: m.clone() for n, m in run.masks.items()}
+        self._masks(run, run.step)
+
+    @hookimpl
+    def on_log(self, run, step: int, record) -> None:
+        self._log({k: v for k, v in record.items() if k != "step"}, step)
+
+    @hookimpl
+    def on_mask_change(self, run, step: int, old, new) -> None:
+        self._masks(run, step)
+
+    @hookimpl
+    def on_run_end(self, run, summary) -> None:
+        if self.wb is None:
+            return
+        for key in ("val_ppl", "test_ppl", "sparsity_actual", "train_flops_vs_dense", "inference_flops_vs_dense",
+                    "overhead_frac", "turnover"):
+            if _finite(summary.get(key)):
+                self.wb.summary[key] = summary[key]
+        for name, density in (summary.get("layer_density") or {}).items():
+            self.wb.summary[f"final_density/{name}"] = density
+        self.wb.finish()
+        self.wb = None
+
+    def _masks(self, run, step: int) -> None:
+        if self.wb is None or not run.masks:
+            return
+        values = {f"density/{n}": run.density(n) for n in run.masks}
+        active = sum(int(m.sum()) for m in run.masks.values())
+        moved = sum(int((m & ~self.initial[n]).sum()) for n, m in run.masks.items() if n in self.initial)
+        values["mask/turnover"] = moved / max(active, 1)
+        self._log(values, step)
+
+    def _log(self, values: dict, step: int) -> None:
+        if self.wb is not None:
+            numbers = {k: v for k, v in values.items() if _finite(v)}
+            if numbers:
+                self.wb.log(numbers, step=step)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
