@@ -243,7 +243,7 @@ def test_adding_a_logger_or_changing_log_every_retrains_nothing(write_suite, reg
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--set", "training.log_every=2"])
     assert result.exit_code == 0, result.output
     assert "1 run(s) already had results and were skipped" in result.output
-    assert len([p for p in (out / "tiny").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in (out / "tiny").iterdir() if (p / "summary.json").is_file()]) == 1  # one run folder (plots/ is not a run)
 
 
 # --------------------------------------------------------------------------------------------
