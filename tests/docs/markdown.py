@@ -55,7 +55,7 @@ def table_rows(source: str) -> list[list[str]]:
         is_header = i + 1 < len(lines) and re.fullmatch(r"\|[\s|:-]+\|", lines[i + 1] or "x") is not None
         if not (is_rule or is_header):
             cells = re.split(r"(?<!\\)\|", line.strip("|"))
-            rows.append([c.strip() for c in cells])
+            rows.append([c.strip().replace("\\|", "|") for c in cells])  # `\|` is a literal | in a cell
     return rows
 
 

@@ -92,6 +92,19 @@ def test_hook_reference_documents_every_hookspec_and_nothing_else():
         assert (kind == "firstresult") == bool(f.sparsebench_spec["firstresult"]), name
 
 
+def test_method_attributes_list_names_every_attribute_of_the_contract():
+    from sparsebench.methods import CONTRACT, Method
+
+    listed = section(PLUGINS, "method-attributes")
+    pairs = re.findall(r"^- `(\w+)[^`]*`(?: / `(\w+)[^`]*`)?", listed, flags=re.M)  # "- `a()` / `b(x)` for ..."
+    named = {name for pair in pairs for name in pair if name}
+    assert named == set(CONTRACT) - {"name", "Config"}  # name and Config: the example above
+    defaults = re.findall(r"`(\w+) = [^`]+` \(default `([^`]+)`\)", listed)
+    assert len(defaults) == 6
+    for attribute, default in defaults:
+        assert repr(getattr(Method, attribute)) == default, attribute
+
+
 def test_hook_order_names_every_hook_with_its_parameters():
     order = PLUGINS.split("## The hooks, in the order a run calls them\n", 1)[1].split("\n## ", 1)[0]
     order = " ".join(order.split())
@@ -135,8 +148,10 @@ def _option_rows(body: str, defaults: dict) -> list[tuple[str, str]]:
 
 
 def _same_default(value, shown: str) -> bool:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return json.dumps(value).strip('"') == shown
+    if isinstance(value, str):
+        return value == shown  # as written in the suite (a regex keeps its backslashes)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value) == shown
     return float(value) == float(shown)
 
 

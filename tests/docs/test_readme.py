@@ -65,7 +65,9 @@ def test_readme_suite_expands_to_the_runs_it_claims(tmp_path, registry):
 def test_methods_table_names_registered_methods(registry):
     names = {re.match(r"`(\w+)`", row[0]).group(1) for row in table_rows(_section("Methods"))}
     assert names <= set(registry.names())
-    assert {"dense", "static", "magnitude", "gmp", "set", "rigl", "gumbel", "sparsae"} <= names
+    manual = re.findall(r"^## `(\w+)`", (ROOT / "docs" / "methods.md").read_text(encoding="utf-8"), flags=re.M)
+    assert {*manual, "sparsae"} <= names, "a method of the manual is missing from the front page"
+    assert {"dense", "static", "magnitude", "gmp", "set", "rigl", "gumbel", "nm", "gumbel_tokens"} <= set(manual)
 
 
 def test_manual_table_links_every_page_of_the_manual():
