@@ -28,7 +28,7 @@ def check_runs(runs) -> None:
     """Refuse an unusable DeepSpeed config before any training (needs no process group)."""
     for cfg in runs:
         if uses_deepspeed(cfg):
-            check_ds_config(load_ds_config(cfg.distributed))
+            check_ds_config(ds_config_of(cfg))
 
 
 def join_if_needed(runs) -> None:
@@ -54,6 +54,52 @@ def load_ds_config(dcfg: DistributedConfig) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DistributedError(f"distributed.config: '{path}' must hold a mapping of DeepSpeed keys")
     return data
+
+
+#: "auto" values (as Hugging Face's DeepSpeed examples write them) the suite decides: the batch keys
+#: (then training.batch_size/grad_accum apply), gradient_clipping (training.grad_clip) and the
+#: precision switches (training.dtype); DeepSpeed's own defaults for ZeRO's buffer sizes
+_AUTO_FROM_SUITE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def resolve_auto(ds: dict[str, Any], training: Any) -> dict[str, Any]:
+    """Replace every ``"auto"`` value by what the suite says, or refuse the ones nothing decides."""
+    for key in _AUTO_FROM_SUITE:
+        if ds.get(key) == "auto":
+            del ds[key]  # no batch key: training.batch_size is the global micro-batch
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = float(training.grad_clip or 0.0)
+    for precision, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        section = ds.get(precision)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = training.dtype == dtype
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        for key in [k for k, v in zero.items() if v == "auto" and k != "stage"]:
+            del zero[key]  # reduce_bucket_size, stage3_*: DeepSpeed's defaults
+    left = _auto_paths(ds)
+    if left:
+        raise DistributedError(
+            f"distributed.config: {left[0]} is \"auto\", which the suite does not decide; give a value. "
+            "\"auto\" is resolved for: " + ", ".join(_AUTO_FROM_SUITE)
+            + ", gradient_clipping, bf16.enabled, fp16.enabled, zero_optimization buffer sizes"
+        )
+    return ds
+
+
+def _auto_paths(value: Any, prefix: str = "") -> list[str]:
+    if value == "auto":
+        return [prefix or "(the config)"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _auto_paths(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _auto_paths(v, f"{prefix}[{i}]")]
+    return []
+
+
+def ds_config_of(cfg: RunConfig) -> dict[str, Any]:
+    """A run's DeepSpeed config with its ``"auto"`` values resolved from the suite."""
+    return resolve_auto(load_ds_config(cfg.distributed), cfg.training)
 
 
 def zero_stage(ds: Mapping[str, Any]) -> int:
@@ -142,7 +188,7 @@ def resolve_run_config(cfg: RunConfig, world: Optional[int] = None) -> RunConfig
     if world is None:
         init_distributed()
         world = world_size()
-    ds = load_ds_config(cfg.distributed)
+    ds = ds_config_of(cfg)
     check_ds_config(ds)
     t = cfg.training
     micro, accum = resolve_batch(ds, t.batch_size, t.grad_accum, world)
@@ -158,7 +204,7 @@ def resolve_run_config(cfg: RunConfig, world: Optional[int] = None) -> RunConfig
 
 def engine_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize`` for a resolved run config."""
-    ds = load_ds_config(cfg.distributed)
+    ds = ds_config_of(cfg)
     t = cfg.training
     micro = t.batch_size // world
     # At stage 0 (fp32) every rank holds whole gradients and the harness clips them itself.
