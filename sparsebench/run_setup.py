@@ -87,7 +87,10 @@ def execution_header(run: Run) -> str:
     """One line on how the run executes: device, dtype, threads, compile, kernels (the run header)."""
     t = run.config.training
     threads = torch.get_num_threads()
-    setting = t.threads if t.threads != "auto" else ("auto, OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "auto")
+    if t.threads != "auto":
+        setting = "training.threads"
+    else:
+        setting = "auto: OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "auto: model size, free cores"
     parts = [f"device {run.device}", t.dtype, f"{threads} torch thread{'s' if threads != 1 else ''} ({setting})",
              "compiled" if t.compile else "eager", f"kernels {resolve_kernels(t.kernels, run.device)}"]
     return " · ".join(parts)
