@@ -178,7 +178,7 @@ def train(
                     tokens_per_s=window_tokens / max(now - window_start, 1e-9),
                     sparsity=1.0 - _overall_density(run),
                     train_flops=run.ledger.total,
-                    **({"grad_norm": float(grad_norm)} if t.grad_clip and grad_norm is not None else {}),
+                    **({"grad_norm": None if grad_norm is None else float(grad_norm)} if t.grad_clip else {}),
                 )
                 window_start, window_tokens = now, 0
                 memory.sample()

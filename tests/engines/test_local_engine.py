@@ -231,3 +231,17 @@ def test_a_compiled_run_keeps_masks_and_hooks_and_matches_the_eager_run(write_su
         assert torch.all(p.detach()[~run.masks[name]] == 0)
         torch.testing.assert_close(p.detach(), eager.run.sparsifiable[name].detach(), rtol=1e-4, atol=1e-5)
     assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-5)
+
+
+def test_auto_kernels_take_the_fused_masked_kernel_only_for_sparse_local_runs_on_a_gpu(monkeypatch):
+    from sparsebench.errors import PluginError
+    from sparsebench.run_setup import resolve_kernels
+
+    monkeypatch.setattr("sparsebench_kernels.select_backend", lambda choice, device: "torch" if choice == "torch" else "triton")  # as on a GPU
+    gpu = torch.device("cuda")
+    assert resolve_kernels("auto", gpu, sparsity=0.9) == "triton"
+    assert resolve_kernels("auto", gpu, sparsity=0.0) == "torch"  # dense: fused AdamW is one pass already
+    assert resolve_kernels("auto", gpu, sparsity=0.9, engine="deepspeed") == "torch"
+    assert resolve_kernels("torch", torch.device("cpu"), sparsity=0.9) == "torch"
+    with pytest.raises(PluginError, match="local engine only"):
+        resolve_kernels("triton", gpu, sparsity=0.9, engine="deepspeed")
