@@ -20,6 +20,14 @@ GATHER_BLOCK = 1024
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# ``tl.reduce`` with a combine function of this module, not ``tl.sum``: ``tl.sum`` is a jit function
+# of Triton itself, which runs in the interpreter only if Triton was first imported with
+# TRITON_INTERPRET=1 (in a full test session something else may import it earlier).
+@triton.jit
 def _sum_sq_kernel(g_ptr, keep_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -27,8 +35,8 @@ def _sum_sq_kernel(g_ptr, keep_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     keep = tl.load(keep_ptr + offs, mask=inside, other=0) != 0
     sq = g * g
-    tl.store(partial_ptr + 2 * pid, tl.sum(sq, axis=0))
-    tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(keep, sq, 0.0), axis=0))
+    tl.store(partial_ptr + 2 * pid, tl.reduce(sq, 0, _add))
+    tl.store(partial_ptr + 2 * pid + 1, tl.reduce(tl.where(keep, sq, 0.0), 0, _add))
 
 
 @triton.jit
@@ -41,7 +49,7 @@ def _segment_sum_sq_kernel(g_ptr, idx_ptr, bounds_ptr, partial_ptr, n_chunks, BL
     inside = offs < end
     idx = tl.load(idx_ptr + offs, mask=inside, other=0)
     g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + seg * n_chunks + chunk, tl.sum(g * g, axis=0))
+    tl.store(partial_ptr + seg * n_chunks + chunk, tl.reduce(g * g, 0, _add))
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
