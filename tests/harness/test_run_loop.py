@@ -304,3 +304,43 @@ def test_no_checkpoint_holds_weights_trained_on_a_non_finite_loss(write_suite, t
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         _probe_run(write_suite, probe, tmp_path, log_every=6, eval_every=0, steps=6, checkpoint_every=2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_the_losses_are_read_at_log_steps_only(write_suite, monkeypatch):
+    """On CUDA a read makes the host wait for the device: none inside the steps between logs."""
+    from sparsebench.losses import LossWindow
+
+    reads = []
+    original = LossWindow.read
+
+    def counting_read(self):
+        reads.append(sorted({step for step in self._steps}))
+        return original(self)
+
+    monkeypatch.setattr(LossWindow, "read", counting_read)
+    registry = registry_with()
+    cfg = [c for c in run_configs(_tiny(write_suite, steps=10, log_every=5, eval_every=0), registry)
+           if c.method.name == "static"][0]
+    train_config(cfg, registry)
+    assert reads == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], []]  # two log steps, then the end of training
+
+
+class DtypeProbe(Method):
+    name = "dtype_probe"
+
+    @hookimpl
+    def loss_terms(self, run, step, batch, outputs):
+        self.logits_dtype = outputs.logits.dtype
+        return {}
+
+
+def test_bf16_autocast_trains_with_bf16_matmuls_and_keeps_pruned_weights_at_zero(write_suite):
+    registry = registry_with(DtypeProbe)
+    cfg = [c for c in run_configs(_tiny(write_suite, dtype="bfloat16", eval_every=0), registry)
+           if c.method.name == "static"][0]
+    probe = DtypeProbe()
+    setup, result = train_config(cfg, registry, observers=[("dtype_probe", probe)])
+    assert probe.logits_dtype == torch.bfloat16
+    assert result.val_loss == result.val_loss and result.val_loss < 10  # finite
+    for name, p in setup.run.sparsifiable.items():
+        assert p.dtype == torch.float32 and torch.all(p.detach()[~setup.run.masks[name]] == 0)
