@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +33,7 @@ class Setup:
     timer: HookTimer
     keep_counts: bool
     #: torch's intra-op thread count for this run and why (``training.threads``)
-    threads: ThreadChoice = ThreadChoice(torch.get_num_threads(), "unchanged")
+    threads: ThreadChoice = field(default_factory=lambda: ThreadChoice(torch.get_num_threads(), "unchanged"))
     #: who runs the masked AdamW step: ``"torch"`` (mask, AdamW, mask) or ``"triton"`` (one fused kernel)
     kernels: str = "torch"
 
