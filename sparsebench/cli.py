@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -27,13 +27,39 @@ def _fail(exc: Exception) -> None:
 
 
 def _parse_sets(sets: Optional[List[str]]) -> dict:
-    overrides = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set expects KEY=VALUE (dotted key), got '{item}'")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    """``--set KEY=VALUE`` items → dotted key → value (safe YAML; malformed values are SuiteErrors)."""
+    from sparsebench.yaml_loading import parse_set_value
+
+    return dict(parse_set_value(item) for item in sets or [])
+
+
+def _check_out_dir(out: Path, option: str = "--out") -> None:
+    """``out`` must be (or be creatable as) a writable folder: refuse a file or a read-only place."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise SparsebenchError(f"{option}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SparsebenchError(f"{option}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SparsebenchError(f"{option}: cannot write into {existing} (permission denied)")
+
+
+def _remove_empty_new_dirs(out: Path, before: set) -> None:
+    """After a refusal: remove the folders this call created under ``out`` if they stayed empty."""
+    candidates = [p for p in (out.iterdir() if out.is_dir() else []) if p not in before and p.is_dir()]
+    for path in [*candidates, *([out] if out not in before else [])]:
+        try:
+            path.rmdir()  # only ever succeeds on an empty folder
+        except OSError:
+            pass
+
+
+def _snapshot(out: Path) -> set:
+    if not out.is_dir():
+        return set()
+    return {out, *out.iterdir()}
 
 
 @app.command()
@@ -57,10 +83,16 @@ def run(
 
     if gpus is not None:
         _launch(gpus, suite, out, set_, fresh)
+    before = _snapshot(out)
     try:
+        _check_out_dir(out)
         outcome = run_suite(suite, out, overrides=_parse_sets(set_), fresh=fresh, console=console)
     except SparsebenchError as exc:
+        _remove_empty_new_dirs(out, before)  # a refused suite leaves no empty OUT/<suite>/ behind
         _fail(exc)
+        return
+    except (PermissionError, NotADirectoryError, FileExistsError) as exc:  # e.g. a read-only OUT/<suite>/
+        _fail(SparsebenchError(f"cannot write results under {out}: {exc.strerror or exc} ({exc.filename})"))
         return
     except KeyboardInterrupt as exc:
         _interrupted(exc, suite, out, set_)
@@ -179,7 +211,10 @@ def report(
     summaries = read_summaries(directory)
     if not summaries:
         _fail(SparsebenchError(f"{directory}: no */summary.json found (is it a suite's results folder?)"))
-    write_suite_tables(directory, directory.name)
+    try:
+        write_suite_tables(directory, directory.name)
+    except (PermissionError, FileExistsError, IsADirectoryError) as exc:  # e.g. a read-only results folder
+        _fail(SparsebenchError(f"cannot write the tables into {directory}: {exc.strerror or exc} ({exc.filename})"))
     table = comparison_table(summaries)
     if fmt == "md":
         sys.stdout.write(render_markdown(table, directory.name, entropy_floor(summaries)))

@@ -7,13 +7,17 @@ allowed keys listed (see :mod:`sparsebench.suites` for how errors are worded).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+# An Adam β: 1 would never forget (and bias correction divides by zero), below 0 is meaningless.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf/NaN are refused in every float field: `lr: .inf` would otherwise train to NaN with status ok.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class SyntheticConfig(StrictModel):
@@ -72,9 +76,9 @@ class TrainingConfig(StrictModel):
     min_lr: Optional[float] = Field(None, ge=0, description="default: lr / 10")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: Optional[float] = Field(1.0, description="max global gradient norm; null disables clipping")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global gradient norm; null disables clipping")
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: PositiveInt = 8
     eval_batch_size: Optional[PositiveInt] = None

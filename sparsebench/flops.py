@@ -1,7 +1,7 @@
 """Analytic FLOPs of a causal LM, dense or at given per-layer densities, and the training ledger.
 
 Counting rules (a multiply-add is 2 FLOPs; they match ``torch.utils.flop_counter.FlopCounterMode``
-on an eager-attention model, see tests/test_flops.py):
+on an eager-attention model, see tests/harness/test_flops.py):
 
 * every ``nn.Linear`` and transformers ``Conv1D``: ``2 · n_in · n_out`` per token, times the
   density of its weight (looked up by the weight's parameter name; absent = dense). Bias adds

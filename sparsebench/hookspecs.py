@@ -109,7 +109,10 @@ def update_mask(
     unchanged number of active weights per layer unless the method class declares
     ``changes_density = True``), zeroes pruned weights, sets regrown weights to zero, resets
     every optimizer moment of changed positions, masks the gradients and then calls
-    :func:`on_mask_change`. Charge any extra compute on ``run.ledger``.
+    :func:`on_mask_change`. Charge any extra compute on ``run.ledger``. A run whose method
+    declares ``keeps_dense_weights = True`` skips the zeroing, resetting and masking: the method
+    applies its masks in the forward pass, and the harness zeroes the pruned weights once, after
+    the last optimizer step.
     """
 
 
@@ -123,7 +126,8 @@ def on_mask_change(
     :param new: their new masks (already in ``run.masks``).
 
     Called after the harness applied a change (regrown weights are zero and their optimizer
-    state reset). A plugin may re-initialise regrown weights (``new & ~old``) or start a burn-in.
+    state reset, unless a plugin declares ``keeps_dense_weights``). A plugin may re-initialise
+    regrown weights (``new & ~old``) or start a burn-in.
     Not called for the initial masks. Returns nothing.
     """
 
@@ -132,7 +136,8 @@ def on_mask_change(
 def before_optimizer_step(run: "Run", step: int) -> None:
     """Called right before the optimizer step, after gradient masking and clipping.
 
-    Gradients of pruned weights are zero here, and clipped to ``training.grad_clip`` (global
+    Gradients of pruned weights are zero here (unless a plugin declares ``keeps_dense_weights``:
+    then they are dense), and clipped to ``training.grad_clip`` (global
     norm) by the engine (``engine.clip_grads()`` runs just before this hook). One exception,
     under DeepSpeed ZeRO-1/2: the gradients are partitioned over the ranks, so ``p.grad`` is
     ``None`` here and DeepSpeed clips the partitions inside its step, after this hook (only

@@ -42,6 +42,15 @@ class Method:
     #: the harness refuses a change that alters any layer's active count. Also lets a method
     #: start dense (``init_mask`` returning ``None``) and reach the target later.
     changes_density: ClassVar[bool] = False
+    #: True if the method keeps the dense values of pruned weights (straight-through methods such
+    #: as SR-STE): the harness then neither zeroes pruned weights nor masks their gradients nor
+    #: resets their optimizer state at mask changes, and zeroes them once, after the last
+    #: optimizer step. The method must apply its masks in the forward pass itself.
+    keeps_dense_weights: ClassVar[bool] = False
+    #: the number of held-out batches (``run.heldout``) the method scores masks on; a suite that
+    #: cannot provide them (``data.heldout_fraction: 0``, too little data) is refused by
+    #: ``validate`` naming the key to change, instead of failing at the first mask update
+    min_heldout_batches: ClassVar[int] = 0
     #: True if the method trains at its own density whatever the suite's ``sparsity`` (dense
     #: training): its runs are recorded at sparsity 0 and the conformance kit skips the
     #: target-density checks.
@@ -81,7 +90,7 @@ class Method:
 
 
 #: Every attribute of the contract the harness reads; each is declared on :class:`Method`.
-CONTRACT = ("name", "Config", "changes_density", "ignores_sparsity", "observer", "hookspecs",
+CONTRACT = ("name", "Config", "changes_density", "keeps_dense_weights", "min_heldout_batches", "ignores_sparsity", "observer", "hookspecs",
             "config", "components", "state_dict", "load_state_dict")
 
 

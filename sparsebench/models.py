@@ -21,7 +21,7 @@ import transformers
 from .errors import ModelError
 
 # Parameter counts (vocab 128, seq_len 64, as the smoke suite builds them) are checked by
-# tests/test_models.py; gpt2-small/medium are the OpenAI sizes with the GPT-2 tokenizer.
+# tests/harness/test_models.py; gpt2-small/medium are the OpenAI sizes with the GPT-2 tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.11M: the smallest model whose loss still separates methods on the synthetic chain.
     "gpt-nano": {"family": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 96},

@@ -62,9 +62,11 @@ def read_summaries(suite_dir: Path) -> list[dict]:
     out = []
     for path in sorted(Path(suite_dir).glob("*/summary.json")):
         try:
-            out.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # a foreign or damaged file never stops a report
+        if isinstance(summary, dict):  # valid JSON that is not an object is foreign too
+            out.append(summary)
     return out
 
 

@@ -32,6 +32,7 @@ class Setup:
     test_batches: list
     timer: HookTimer
     keep_counts: bool
+    keeps_dense: bool = False  # a plugin declares keeps_dense_weights (see Method)
     #: torch's intra-op thread count for this run and why (``training.threads``)
     threads: ThreadChoice = field(default_factory=lambda: ThreadChoice(torch.get_num_threads(), "unchanged"))
     #: who runs the masked AdamW step: ``"torch"`` (mask, AdamW, mask) or ``"triton"`` (one fused kernel)
@@ -187,4 +188,6 @@ def setup_run(
         plugins=dict(plugins),
     )
     keep_counts = not any(getattr(p, "changes_density", False) for _, p in plugins)
-    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts, threads, kernels)
+    keeps_dense = any(getattr(p, "keeps_dense_weights", False) for _, p in plugins)
+    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts, keeps_dense,
+                 threads=threads, kernels=kernels)

@@ -1,7 +1,12 @@
 """Suites: YAML sweeps over methods × sparsities × model sizes × seeds, expanded into runs.
 
 Everything is validated before any training: errors name the file, the key path and the allowed
-values, and suggest the closest method name.
+values, and suggest the closest method name (wording in :mod:`sparsebench.suite_checks`, safe
+YAML reading in :mod:`sparsebench.yaml_loading`).
+
+Run identity: a run's id is ``<label>-s<sparsity>-<model>-seed<seed>-<hash>``, the hash taken over
+the resolved config without what only observes (see :func:`identity_payload`), so adding a logger
+or changing ``log_every`` re-trains nothing.
 """
 
 from __future__ import annotations
@@ -10,32 +15,50 @@ import copy
 import hashlib
 import itertools
 import json
-import re
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Optional, Union
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from sparsebench.config import (
     DataConfig,
     DistributedConfig,
-    MethodSpec,
     RunConfig,
     SparsifyConfig,
     StrictModel,
     TrainingConfig,
 )
-from sparsebench.errors import ModelError, SuiteError
-from sparsebench.registry import Registry, unknown_name_message
+from sparsebench.errors import SuiteError
+from sparsebench.registry import Registry
+from sparsebench.suite_checks import (
+    check_device,
+    check_heldout,
+    check_safe_name,
+    check_unique_labels,
+    did_you_mean,
+    find_non_finite,
+    format_validation_error,
+    merged_training,
+    model_label,
+    parse_method,
+    resolved_model,
+)
+from sparsebench.yaml_loading import deep_merge, read_suite_file, set_dotted
 
 SUITE_VERSION = 1
+#: training keys that only change what is logged or kept on disk, never what is trained
+OBSERVER_TRAINING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints")
+#: a run id is one folder name: well under the usual 255-byte limit
+MAX_RUN_ID = 200
+
+__all__ = ["SUITE_VERSION", "SuiteConfig", "config_hash", "deep_merge", "expand_suite", "identity_payload",
+           "model_label", "read_yaml", "set_dotted"]
 
 
 class SuiteConfig(StrictModel):
     """The top level of a suite file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     description: str = ""
     version: int = SUITE_VERSION
     data: DataConfig = Field(default_factory=DataConfig)
@@ -51,140 +74,38 @@ class SuiteConfig(StrictModel):
 
 
 TOP_LEVEL_KEYS = sorted(list(SuiteConfig.model_fields) + ["include"])
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------
+_NOT_SWEPT = ("sweep", "include", "name", "version")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a suite file, following ``include:`` (a path or list, relative to the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"{path}: suite file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SuiteError(f"{path}: malformed YAML at {where}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise SuiteError(f"{path}: malformed YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SuiteError(f"{path}: a suite must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)})")
-    includes = raw.pop("include", [])
-    merged: dict[str, Any] = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
-        merged = deep_merge(merged, read_yaml(path.parent / inc))
-    return deep_merge(merged, raw)
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = raw
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[keys[-1]] = value
+    return read_suite_file(Path(path), TOP_LEVEL_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
-# validation messages
+# run identity
 # --------------------------------------------------------------------------------------------
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
-    """The pydantic model class that validates the mapping at ``loc`` (for listing its keys)."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        current = _unwrap(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+def identity_payload(cfg: RunConfig, registry: Optional[Registry] = None) -> dict[str, Any]:
+    """What a run's id hashes: the resolved config minus what only observes.
+
+    Left out: the run id itself, :data:`OBSERVER_TRAINING_KEYS`, and entries of ``plugins:``
+    whose class declares ``observer = True`` (loggers, progress displays).
+    """
+    payload = cfg.model_dump(mode="json", exclude={"run_id"}, by_alias=True)
+    for key in OBSERVER_TRAINING_KEYS:
+        payload["training"].pop(key, None)
+    if registry is not None:
+        payload["plugins"] = [p for p, spec in zip(payload["plugins"], cfg.plugins)
+                              if not (spec.name in registry and getattr(registry.get(spec.name), "observer", False))]
+    return payload
 
 
-def _unwrap(annotation: Any) -> Any:
-    for arg in get_args(annotation) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation if get_origin(annotation) is None else None
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line per problem: ``key.path: reason (allowed: ...)``."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("str", "dict[", "function-"))))
-        path = prefix + ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(model, loc[:-1])
-            allowed = ", ".join(parent.model_fields) if parent else "?"
-            close = _did_you_mean(str(loc[-1]), list(parent.model_fields) if parent else [])
-            lines.append(f"{path}: unknown key.{close} Allowed: {allowed}")
-        else:
-            value = err.get("input")
-            shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-            lines.append(f"{path or '(top level)'}: {err['msg']}{shown}")
-    return "; ".join(lines)
-
-
-def _did_you_mean(name: str, allowed: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, allowed, n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-# --------------------------------------------------------------------------------------------
-# methods
-# --------------------------------------------------------------------------------------------
-
-
-def parse_method(entry: Any, where: str, registry: Registry) -> MethodSpec:
-    """``name`` or ``{name: {overrides..., with: [components], label: str}}`` → MethodSpec."""
-    if isinstance(entry, str):
-        name, overrides = entry, {}
-    elif isinstance(entry, dict) and len(entry) == 1:
-        name, overrides = next(iter(entry.items()))
-        overrides = dict(overrides or {})
-        if not isinstance(overrides, dict):
-            raise SuiteError(f"{where}.{name}: overrides must be a mapping of option → value")
-    else:
-        raise SuiteError(f"{where}: a method is a name or a one-key mapping name → options, got {entry!r}")
-    if name not in registry:
-        raise SuiteError(f"{where}: " + unknown_name_message("method", str(name), registry.names()))
-    with_entries = overrides.pop("with", [])
-    label = overrides.pop("label", None)
-    cls = registry.get(name)
-    allowed = list(cls.Config.model_fields)
-    for key in overrides:
-        if key not in allowed:
-            raise SuiteError(
-                f"{where}.{name}.{key}: unknown option of method '{name}'.{_did_you_mean(key, allowed)} "
-                f"Allowed: {', '.join(allowed) or '(none)'}, with, label"
-            )
-    try:
-        resolved = cls.Config(**overrides).model_dump(mode="json")
-    except ValidationError as exc:
-        raise SuiteError(format_validation_error(exc, cls.Config, prefix=f"{where}.{name}.")) from None
-    with_list = [with_entries] if isinstance(with_entries, (str, dict)) else list(with_entries)
-    components = [parse_method(w, f"{where}.{name}.with[{i}]", registry) for i, w in enumerate(with_list)]
-    return MethodSpec(name=name, config=resolved, with_=components, label=label)
+def config_hash(cfg: RunConfig, registry: Optional[Registry] = None) -> str:
+    """Eight hex digits of the SHA-256 of :func:`identity_payload`."""
+    payload = identity_payload(cfg, registry)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,40 +113,20 @@ def parse_method(entry: Any, where: str, registry: Registry) -> MethodSpec:
 # --------------------------------------------------------------------------------------------
 
 
-def _model_label(model: Any) -> str:
-    if isinstance(model, str):
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model).name if "/" in model else model)
-    return "custom"
-
-
-def config_hash(cfg: RunConfig) -> str:
-    payload = cfg.model_dump(mode="json", exclude={"run_id"}, by_alias=True)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def expand_suite(path: Path, registry: Registry, overrides: Optional[dict[str, Any]] = None) -> tuple[SuiteConfig, list[RunConfig]]:
     """Validate a suite file and expand it into the resolved configs of its runs.
 
-    ``overrides`` — dotted key → value — are applied before validation (CLI ``--set``).
+    ``overrides`` — dotted key → value — are applied before validation (CLI ``--set``). A method
+    entry's ``training:`` overrides the suite's (and a swept) training for that entry's runs.
     """
     path = Path(path)
     raw = read_yaml(path)
     raw.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise SuiteError(
-            f"{path}: unknown top-level key '{unknown[0]}'.{_did_you_mean(unknown[0], TOP_LEVEL_KEYS)} "
-            f"Allowed: {', '.join(TOP_LEVEL_KEYS)}"
-        )
+    _check_top_level(raw, path)
     sweep = raw.get("sweep") or {}
-    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise SuiteError(f"{path}: sweep must map dotted keys to non-empty lists, e.g. sparsity: [0.8, 0.9]")
-    for key in sweep:
-        if key.split(".")[0] not in TOP_LEVEL_KEYS or key.split(".")[0] in ("sweep", "include", "name"):
-            raise SuiteError(f"{path}: sweep.{key}: cannot sweep over '{key.split('.')[0]}'. Allowed roots: "
-                             + ", ".join(k for k in TOP_LEVEL_KEYS if k not in ("sweep", "include", "name")))
+    _check_sweep(sweep, path)
 
     runs: list[RunConfig] = []
     seen: set[str] = set()
@@ -235,43 +136,90 @@ def expand_suite(path: Path, registry: Registry, overrides: Optional[dict[str, A
         variant = copy.deepcopy(raw)
         for key, value in zip(sweep, combo):
             set_dotted(variant, key, value)
-        where = f"{path}" + (f" (sweep {', '.join(f'{k}={v}' for k, v in zip(sweep, combo))})" if combo else "")
-        try:
-            validated = SuiteConfig(**variant)
-        except ValidationError as exc:
-            raise SuiteError(f"{where}: {format_validation_error(exc, SuiteConfig)}") from None
+        where = f"{path}" + (f" (sweep {', '.join(f'{k}={_short(v)}' for k, v in zip(sweep, combo))})" if combo else "")
+        validated = _validate_variant(variant, path, where, registry)
         suite = suite or validated
-        _check_model(validated.model, where)
-        _check_data_files(validated.data, path, where)
-        _check_distributed_file(validated.distributed, path, where)
-        methods = [parse_method(m, f"{where}: methods[{i}]", registry) for i, m in enumerate(validated.methods)]
-        plugins = [parse_method(p, f"{where}: plugins[{i}]", registry) for i, p in enumerate(validated.plugins)]
-        for spec in methods:
-            cls = registry.get(spec.name)
-            sparsity = 0.0 if getattr(cls, "ignores_sparsity", False) else validated.sparsity
-            for seed in validated.seeds:
-                cfg = RunConfig(
-                    suite=validated.name, run_id="", method=spec, plugins=plugins,
-                    data=validated.data, model=validated.model, training=validated.training,
-                    sparsity=sparsity, sparsify=validated.sparsify, distributed=validated.distributed, seed=seed,
-                )
-                digest = config_hash(cfg)
-                if digest in seen:  # e.g. dense swept over sparsities: one run is enough
-                    continue
-                seen.add(digest)
-                cfg.run_id = f"{spec.display}-s{sparsity:g}-{_model_label(validated.model)}-seed{seed}-{digest}"
-                runs.append(cfg)
+        for cfg in _runs_of(validated, where, registry):
+            digest = config_hash(cfg, registry)
+            if digest in seen:  # e.g. dense swept over sparsities: one run is enough
+                continue
+            seen.add(digest)
+            cfg.run_id = f"{cfg.method.display}-s{cfg.sparsity:g}-{model_label(cfg.model)}-seed{cfg.seed}-{digest}"
+            if len(cfg.run_id) > MAX_RUN_ID:
+                raise SuiteError(f"{where}: run id '{cfg.run_id[:40]}...' is longer than {MAX_RUN_ID} characters; shorten the label")
+            runs.append(cfg)
     assert suite is not None
     return suite, runs
 
 
-def _check_model(model: Any, where: str) -> None:
-    from sparsebench.models import resolve_model_config
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
+
+def _check_top_level(raw: dict, path: Path) -> None:
+    bad = next((k for k in raw if not isinstance(k, str)), None)
+    if bad is not None:
+        raise SuiteError(f"{path}: top-level key {bad!r} is not a name. Allowed: {', '.join(TOP_LEVEL_KEYS)}")
+    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise SuiteError(
+            f"{path}: unknown top-level key '{unknown[0]}'.{did_you_mean(unknown[0], TOP_LEVEL_KEYS)} "
+            f"Allowed: {', '.join(TOP_LEVEL_KEYS)}"
+        )
+    check_safe_name(raw["name"], "name", str(path))
+    version = raw.get("version", SUITE_VERSION)
+    if version != SUITE_VERSION or isinstance(version, bool):
+        raise SuiteError(f"{path}: version: unknown suite version {version!r}; this sparsebench reads version {SUITE_VERSION}")
+    where = find_non_finite(raw)
+    if where:
+        raise SuiteError(f"{path}: {where}: infinite or NaN numbers are not allowed")
+
+
+def _check_sweep(sweep: Any, path: Path) -> None:
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise SuiteError(f"{path}: sweep must map dotted keys to non-empty lists, e.g. sparsity: [0.8, 0.9]")
+    roots = ", ".join(k for k in TOP_LEVEL_KEYS if k not in _NOT_SWEPT)
+    for key in sweep:
+        if not isinstance(key, str) or any(not part for part in key.split(".")):
+            raise SuiteError(f"{path}: sweep key {key!r} is not a dotted key such as training.lr")
+        if key.split(".")[0] not in TOP_LEVEL_KEYS or key.split(".")[0] in _NOT_SWEPT:
+            raise SuiteError(f"{path}: sweep.{key}: cannot sweep over '{key.split('.')[0]}'. Allowed roots: {roots}")
+
+
+def _validate_variant(variant: dict, path: Path, where: str, registry: Registry) -> SuiteConfig:
     try:
-        resolve_model_config(model)
-    except ModelError as exc:
-        raise SuiteError(f"{where}: model: {exc}") from None
+        validated = SuiteConfig(**variant)
+    except ValidationError as exc:
+        raise SuiteError(f"{where}: {format_validation_error(exc, SuiteConfig)}") from None
+    resolved_model(validated.model, where)
+    check_device(validated.training, where)
+    _check_data_files(validated.data, path, where)
+    _check_distributed_file(validated.distributed, path, where)
+    return validated
+
+
+def _runs_of(suite: SuiteConfig, where: str, registry: Registry) -> list[RunConfig]:
+    """The runs of one sweep point: methods × seeds, each with its entry's training budget."""
+    entries = [parse_method(m, f"{where}: methods[{i}]", registry, allow_training=True) for i, m in enumerate(suite.methods)]
+    check_unique_labels(entries, where)
+    plugins = [parse_method(p, f"{where}: plugins[{i}]", registry)[0] for i, p in enumerate(suite.plugins)]
+    runs = []
+    for i, (spec, overrides) in enumerate(entries):
+        entry_where = f"{where}: methods[{i}].{spec.name}"
+        training = merged_training(suite.training, overrides, entry_where)
+        check_device(training, entry_where)
+        cls = registry.get(spec.name)
+        for part in [spec, *spec.with_, *plugins]:
+            check_heldout(registry.get(part.name), suite.data, training, entry_where)
+        sparsity = 0.0 if getattr(cls, "ignores_sparsity", False) else suite.sparsity
+        for seed in suite.seeds:
+            runs.append(RunConfig(
+                suite=suite.name, run_id="", method=spec, plugins=plugins,
+                data=suite.data, model=suite.model, training=training,
+                sparsity=sparsity, sparsify=suite.sparsify, distributed=suite.distributed, seed=seed,
+            ))
+    return runs
 
 
 def _resolve_file(value: Path, suite_path: Path, key: str, where: str) -> Path:

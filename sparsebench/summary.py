@@ -15,7 +15,9 @@ from sparsebench.run_setup import Setup
 
 
 def _model_name(model: Any) -> str:
-    return model if isinstance(model, str) else "custom"
+    from sparsebench.suite_checks import model_label  # a mapping is named by its shape, e.g. gpt2-2L-4H-128d
+
+    return model_label(model)
 
 
 def build_summary(setup: Setup, result: LoopResult) -> dict[str, Any]:

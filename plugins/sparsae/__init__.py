@@ -1,7 +1,7 @@
 """SparsAE: a gradient-free (1+λ) evolution strategy over the binary mask, as composable plugins.
 
 The ``sparsae`` method is one suite entry whose parts are separate plugins on the run's manager
-(see ``sparsebench.setup.with_components``), each also a method of its own that any run can add
+(see ``sparsebench.run_setup.with_components``), each also a method of its own that any run can add
 with the suite's ``with:`` key (e.g. ``- rigl: {with: [ema_distill, burn_in]}``):
 
 ==================  ===========================================================================
@@ -42,6 +42,7 @@ class SparsAE(Method):
     """The full method: mask search + Kaiming regrowth + mini burn-in + EMA-teacher distillation."""
 
     name = "sparsae"
+    min_heldout_batches = 2  # the search scores candidates on one batch, the stagnation check uses another
     Config = SparsAEConfig
     #: its mask search moves connections between layers (the global count is exact)
     changes_density = True

@@ -86,6 +86,7 @@ class MaskSearch(Method):
     """SparsAE's mask search: init_mask (random at the target) and the (1+λ) ES in update_mask."""
 
     name = "sparsae_search"
+    min_heldout_batches = 2  # the search scores candidates on one batch, the stagnation check uses another
     Config = SearchConfig
     #: swaps move connections between layers (the global count is kept exactly, layer counts are not)
     changes_density = True

@@ -99,7 +99,7 @@ def start_run(setup) -> None:
     masks = complete_masks(run, setup.hooks.init_mask(run=run, model=run.model))
     validate_masks(masks, run.sparsifiable, None, run.config.method.name, keep_counts=False)
     run.masks = masks
-    upkeep = MaskUpkeep(run.sparsifiable)
+    upkeep = MaskUpkeep(run.sparsifiable, enabled=not setup.keeps_dense)
     upkeep.set_masks(masks)
     upkeep.mask_weights()
 

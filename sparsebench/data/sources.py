@@ -16,6 +16,7 @@ split) is by characters, nanoGPT style: ``[train | valid | test]`` contiguous, v
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,12 +98,34 @@ def carve(stream: TextStream, valid_fraction: float, test_fraction: float, where
     return splits
 
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' progress bars and info logs ("Generating train split") while loading.
+
+    The suite prints its own status line; a refusal must stay one line.
+    """
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
+    verbosity = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
 def _load_text_file(path: Path, hf_cache: Path, key: str) -> TextStream:
     import datasets
 
     try:
-        ds = datasets.load_dataset("text", data_files={"train": str(path)}, split="train",
-                                   keep_linebreaks=True, cache_dir=str(hf_cache))
+        with quiet_datasets():
+            ds = datasets.load_dataset("text", data_files={"train": str(path)}, split="train",
+                                       keep_linebreaks=True, cache_dir=str(hf_cache))
     except Exception as e:
         raise DataError(f"{key}: cannot read {path} as text ({type(e).__name__}: {_first_line(e)})") from None
     return TextStream.from_dataset(ds, "text", key)
@@ -174,10 +197,11 @@ class HFSource:
         cfg = self.cfg
         is_saved = (self.local / "dataset_dict.json").is_file() or (self.local / "state.json").is_file()
         try:
-            if self.local.is_dir() and is_saved:
-                return datasets.load_from_disk(str(self.local))
-            # e.g. load_dataset("wikitext", "wikitext-103-raw-v1")
-            return datasets.load_dataset(cfg.path, cfg.name)
+            with quiet_datasets():
+                if self.local.is_dir() and is_saved:
+                    return datasets.load_from_disk(str(self.local))
+                # e.g. load_dataset("wikitext", "wikitext-103-raw-v1")
+                return datasets.load_dataset(cfg.path, cfg.name)
         except Exception as e:
             reason = f"{type(e).__name__}: {_first_line(e)}"
             if self.local.exists():

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mappi
 
 import torch
 
-from sparsebench.engines.mask_ops import MaskUpkeep
+from sparsebench.engines.mask_ops import MaskUpkeep, zero_pruned_weights
 from sparsebench.errors import PluginError
 
 if TYPE_CHECKING:
@@ -46,7 +46,10 @@ class Engine(ABC):
 
     def __init__(self, setup: "Setup"):
         self.setup, self.run = setup, setup.run
-        self.upkeep = MaskUpkeep(setup.run.sparsifiable)
+        # a method that keeps dense weights (SR-STE) masks in its forward pass; the harness leaves
+        # the pruned weights, their gradients and their optimizer state alone until the last step
+        self.keeps_dense = setup.keeps_dense
+        self.upkeep = MaskUpkeep(setup.run.sparsifiable, enabled=not setup.keeps_dense)
         self._grad_norm: Optional[torch.Tensor] = None
         #: what the loop calls for a training forward: ``run.model``, or a compiled wrapper sharing its
         #: parameters (``run.model`` itself stays a plain module: plugins copy it, evaluation runs it)
@@ -108,8 +111,11 @@ class Engine(ABC):
 
     @torch.no_grad()
     def mask_weights(self) -> None:
-        """Zero pruned weights (after the optimizer step and when masks are first applied)."""
+        """Zero pruned weights (after the optimizer step and when masks are first applied). Under
+        a method that keeps dense weights, once only: after the last step, so the model ends sparse."""
         self.upkeep.mask_weights()
+        if self.keeps_dense and self.run.step == self.run.config.training.steps:
+            zero_pruned_weights(self.run.sparsifiable, self.run.masks)
 
     # -------------------------------------------------------------- step
 

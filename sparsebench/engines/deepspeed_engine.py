@@ -121,6 +121,11 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, setup: "Setup"):
         super().__init__(setup)
+        if self.keeps_dense:
+            raise DistributedError(
+                f"method '{self.run.config.method.name}' keeps dense weights (keeps_dense_weights), "
+                "which DeepSpeed runs do not support yet; run it without distributed:"
+            )
         init_distributed()
         self.world, self.rank = world_size(), rank()
         self.ds_config = engine_config(self.run.config, self.world)

@@ -58,7 +58,7 @@ class LocalEngine(Engine):
         (loss / self.run.config.training.grad_accum).backward()
 
     def apply_mask_change(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        return apply_mask_change(self.run.optimizer, self.run.sparsifiable, old, new)
+        return apply_mask_change(self.run.optimizer, self.run.sparsifiable, old, new, keep_dense=self.keeps_dense)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
@@ -77,7 +77,9 @@ class LocalEngine(Engine):
             from sparsebench_kernels import masked_adamw_step
 
             masked_adamw_step(self.run.optimizer, self._fused_masks, backend="triton")
-            self._weights_masked = True
+            # what the kernel masked needs no second pass (nothing, under a method that keeps dense
+            # weights: the harness's one zeroing after the last step then still runs)
+            self._weights_masked = bool(self._fused_masks)
         else:
             self.run.optimizer.step()
         self.run.optimizer.zero_grad(set_to_none=True)

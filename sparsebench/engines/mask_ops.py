@@ -55,17 +55,19 @@ class MaskUpkeep:
 
     Measured on CPU: ``torch._foreach_mul_`` with float masks costs ~0.15% of a step,
     ``masked_fill_`` ~1.8%, so the float copies are worth their memory.
+    ``enabled=False`` (a method that keeps dense weights): tracks nothing, so it costs nothing.
     """
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter]):
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], enabled: bool = True):
         self.params = dict(params)
+        self.enabled = enabled
         self.names: list[str] = []
         self._weights: list[torch.Tensor] = []
         self._floats: list[torch.Tensor] = []
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Track the layers whose mask has a zero; fully dense layers cost nothing."""
-        self.names = [n for n, m in masks.items() if not bool(m.all())]
+        self.names = [n for n, m in masks.items() if self.enabled and not bool(m.all())]
         self._weights = [self.params[n] for n in self.names]
         self._floats = [masks[n].to(self.params[n].dtype) for n in self.names]
 
@@ -91,17 +93,28 @@ def apply_mask_change(
     params: Mapping[str, torch.nn.Parameter],
     old: Mapping[str, torch.Tensor],
     new: Mapping[str, torch.Tensor],
+    keep_dense: bool = False,
 ) -> dict[str, int]:
     """Zero pruned and regrown weights and reset the optimizer state of every changed position.
 
-    Returns the number of changed positions per layer.
+    ``keep_dense`` (a method with ``keeps_dense_weights``): weights and optimizer state stay as
+    they are. Returns the number of changed positions per layer.
     """
     changed_counts = {}
     for name, mask in new.items():
         param = params[name]
         changed = mask != old[name]
+        changed_counts[name] = int(changed.sum())
+        if keep_dense:
+            continue
         param.mul_(mask)
         param[changed & mask] = 0  # regrown weights start at zero; plugins may re-initialise them
         reset_optimizer_state(optimizer, param, changed)
-        changed_counts[name] = int(changed.sum())
     return changed_counts
+
+
+@torch.no_grad()
+def zero_pruned_weights(params: Mapping[str, torch.nn.Parameter], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every pruned weight once (the end of a run whose method keeps dense weights)."""
+    for name, mask in masks.items():
+        params[name].mul_(mask)

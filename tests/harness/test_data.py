@@ -319,3 +319,42 @@ def test_synthetic_successors_of_a_context_come_from_the_previous_tokens_candida
         reachable = set(succ[:, b, :].ravel().tolist())
         assert len(reachable) <= 8  # the previous token alone narrows the next to its candidates
     assert all(len(set(row)) == 4 for row in chain.successors.tolist())  # distinct successors
+
+
+# --------------------------------------------------------------------------- refusals through the CLI
+
+
+def test_text_data_refusal_is_one_line_and_leaves_no_results_folder(tmp_path):
+    """No "Generating train split" progress before the error, no empty OUT/<suite>/ after it."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny.txt").write_text("hello world\n")
+    (tmp_path / "s.yaml").write_text(
+        "name: textbad\ndata: {dataset: text, tokenizer: char, seq_len: 16, file: tiny.txt}\n"
+        "model: {family: gpt2, n_layer: 1, n_head: 2, n_embd: 16}\n"
+        "training: {steps: 2, batch_size: 2, device: cpu}\nmethods: [dense]\n"
+    )
+    env = {**os.environ, "SPARSEBENCH_CACHE": str(tmp_path / "cache"), "HF_DATASETS_OFFLINE": "1"}
+    for args in (["run", "s.yaml", "--out", "out"], ["validate", "s.yaml", "--data"]):
+        result = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True,
+                                cwd=tmp_path, env=env)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2, output
+        assert output.splitlines() == [output] and "fewer than seq_len + 1" in output, output
+        assert "Generating" not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_quiet_datasets_restores_progress_bars_and_verbosity():
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    from sparsebench.data.sources import quiet_datasets
+
+    before = (datasets.utils.are_progress_bars_disabled(), ds_logging.get_verbosity())
+    with quiet_datasets():
+        assert datasets.utils.are_progress_bars_disabled()
+        assert ds_logging.get_verbosity() == ds_logging.ERROR
+    assert (datasets.utils.are_progress_bars_disabled(), ds_logging.get_verbosity()) == before

@@ -7,11 +7,12 @@ import yaml
 
 from sparsebench.errors import SuiteError
 from sparsebench.suites import expand_suite
+from tests.conftest import TINY_SUITE as TINY
 
 
 def test_sweep_expands_cartesian_product_times_methods_times_seeds(write_suite, registry):
     path = write_suite(
-        methods=[{"static": {"distribution": "uniform"}}, {"static": {"distribution": "erk"}}],
+        methods=[{"static": {"distribution": "uniform", "label": "uniform"}}, {"static": {"distribution": "erk", "label": "erk"}}],
         seeds=[0, 1],
         sweep={"sparsity": [0.5, 0.9], "training.lr": [1e-3, 3e-3]},
     )
@@ -130,3 +131,183 @@ def test_relative_deepspeed_config_path_is_read_from_the_suite_folder(write_suit
 def test_missing_deepspeed_config_file_is_refused(write_suite, registry):
     message = _error(write_suite(distributed={"backend": "deepspeed", "config": "nope.json"}), registry)
     assert "distributed.config" in message and "nope.json" in message
+
+
+# --------------------------------------------------------------------------------------------
+# a training budget per method (issue 10 §6)
+# --------------------------------------------------------------------------------------------
+
+
+def test_method_entry_training_override_gives_its_own_steps_and_run_id(write_suite, registry):
+    path = write_suite(methods=[{"rigl": {"label": "rigl-1x"}}, {"rigl": {"label": "rigl-2x", "training": {"steps": 40}}}])
+    _, runs = expand_suite(path, registry)
+    by_label = {r.method.display: r for r in runs}
+    assert by_label["rigl-1x"].training.steps == 20 and by_label["rigl-2x"].training.steps == 40
+    assert by_label["rigl-1x"].run_id != by_label["rigl-2x"].run_id
+    assert by_label["rigl-2x"].training.lr == by_label["rigl-1x"].training.lr  # only the overridden key changes
+
+
+def test_method_training_override_wins_over_a_swept_training_key(write_suite, registry):
+    path = write_suite(methods=["dense", {"static": {"training": {"steps": 7}}}], sweep={"training.steps": [10, 30]})
+    _, runs = expand_suite(path, registry)
+    assert sorted(r.training.steps for r in runs if r.method.name == "dense") == [10, 30]
+    assert {r.training.steps for r in runs if r.method.name == "static"} == {7}
+    assert len([r for r in runs if r.method.name == "static"]) == 1  # both sweep points are one run
+
+
+def test_overriding_runs_schedules_follow_their_own_step_count(write_suite, registry):
+    """Plugins read run.total_steps: it is the entry's own budget, not the suite's."""
+    from sparsebench.run_setup import setup_run
+
+    _, runs = expand_suite(write_suite(methods=[{"rigl": {"training": {"steps": 40, "warmup_steps": 4}}}]), registry)
+    run = setup_run(runs[0], registry).run
+    assert run.total_steps == 40 and run.config.training.steps == 40 and run.config.training.warmup_steps == 4
+
+
+def test_overriding_run_trains_its_own_number_of_steps(write_suite, registry, tmp_path):
+    import json
+
+    from sparsebench.runner import run_suite
+
+    path = write_suite(training={**TINY["training"], "steps": 6, "warmup_steps": 0, "eval_every": 0},
+                       methods=["dense", {"dense": {"label": "dense-4", "training": {"steps": 4}}}])
+    outcome = run_suite(path, tmp_path / "out", registry=registry)
+    steps = {s["run_id"].split("-s0-")[0]: s["steps"] for s in outcome.summaries}
+    assert steps == {"dense": 6, "dense-4": 4}
+    for summary in outcome.summaries:
+        records = (tmp_path / "out" / "tiny" / summary["run_id"] / "metrics.jsonl").read_text().splitlines()
+        assert max(json.loads(r).get("step", 0) for r in records) == summary["steps"]
+
+
+# --------------------------------------------------------------------------------------------
+# run identity: what only observes never changes it (issue 11 §4)
+# --------------------------------------------------------------------------------------------
+
+
+class _Logger:
+    """A stand-in for a logger plugin: an observer with an option."""
+
+    from pydantic import BaseModel
+
+    class Config(BaseModel):
+        project: str = "p"
+
+    name = "test_logger"
+    observer = True
+
+    def __init__(self, config):
+        self.config = config
+
+
+@pytest.fixture
+def registry_with_logger():
+    from sparsebench.registry import load_registry
+
+    registry = load_registry()
+    registry.register(_Logger, "tests")
+    return registry
+
+
+def _ids(path, registry, overrides=None):
+    return [r.run_id for r in expand_suite(path, registry, overrides)[1]]
+
+
+def test_observer_plugins_and_log_cadence_do_not_change_run_ids(write_suite, registry_with_logger):
+    base = _ids(write_suite("a.yaml"), registry_with_logger)
+    assert _ids(write_suite("b.yaml", plugins=[{"test_logger": {"project": "x"}}]), registry_with_logger) == base
+    for key, value in (("log_every", 1), ("checkpoint_every", 3), ("keep_checkpoints", 2)):
+        assert _ids(write_suite("c.yaml"), registry_with_logger, {f"training.{key}": value}) == base
+
+
+def test_a_plugin_that_trains_changes_run_ids(write_suite, registry):
+    assert _ids(write_suite("a.yaml"), registry) != _ids(write_suite("b.yaml", plugins=["ema_distill"]), registry)
+
+
+def test_observer_stays_in_the_runs_config(write_suite, registry_with_logger):
+    _, runs = expand_suite(write_suite(plugins=["test_logger"]), registry_with_logger)
+    assert all([p.name for p in r.plugins] == ["test_logger"] for r in runs)
+
+
+def test_adding_a_logger_or_changing_log_every_retrains_nothing(write_suite, registry_with_logger, tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsebench.cli import app
+    from sparsebench.runner import run_suite
+
+    training = {**TINY["training"], "steps": 4, "warmup_steps": 0, "eval_every": 0}
+    path = write_suite(training=training, methods=["dense"])
+    out = tmp_path / "out"
+    assert run_suite(path, out, registry=registry_with_logger).skipped == 0
+    with_logger = write_suite("logged.yaml", training={**training, "log_every": 1}, methods=["dense"], plugins=["test_logger"])
+    assert run_suite(with_logger, out, registry=registry_with_logger).skipped == 1
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--set", "training.log_every=2"])
+    assert result.exit_code == 0, result.output
+    assert "1 run(s) already had results and were skipped" in result.output
+    assert len([p for p in (out / "tiny").iterdir() if p.is_dir()]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# labels and model names (issue 11 §1), held-out batches (issue 12 §6)
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_entries_under_one_label_are_one_run(write_suite, registry):
+    _, runs = expand_suite(write_suite(methods=["dense", "static", "static"]), registry)
+    assert [r.method.name for r in runs] == ["dense", "static"]
+
+
+@pytest.mark.parametrize("model,label", [
+    ("gpt-nano", "gpt-nano"),
+    ({"family": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128}, "gpt2-2L-4H-128d"),
+    ({"family": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_inner": 256}, "gpt2-2L-4H-128d-256ff"),
+    ({"preset": "gpt-nano", "n_layer": 3}, "gpt2-3L-4H-96d"),
+    ({"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "n_inner": 192}, "llama-2L-4H-2KV-64d-192ff"),
+    ({"family": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+      "intermediate_size": 128}, "llama-2L-4H-4KV-64d-128ff"),
+    ({"pretrained": "/models/my-gpt2/"}, "my-gpt2"),
+])
+def test_model_mapping_is_named_by_its_shape(model, label):
+    from sparsebench.suite_checks import model_label
+
+    assert model_label(model) == label
+
+
+def test_run_ids_name_the_model_shape(write_suite, registry):
+    _, runs = expand_suite(write_suite(sweep={"model.n_layer": [1, 2]}), registry)
+    assert {r.run_id.split("-seed")[0].split("-s0.8-")[-1] for r in runs if r.method.name == "static"} == {
+        "gpt2-1L-2H-32d", "gpt2-2L-2H-32d"}
+
+
+class _Scorer:
+    """A method that scores masks on held-out batches, as SparsAE does."""
+
+    from pydantic import BaseModel
+
+    class Config(BaseModel):
+        pass
+
+    name = "test_scorer"
+    min_heldout_batches = 2
+
+    def __init__(self, config):
+        self.config = config
+
+
+@pytest.fixture
+def registry_with_scorer():
+    from sparsebench.registry import load_registry
+
+    registry = load_registry()
+    registry.register(_Scorer, "tests")
+    return registry
+
+
+def test_heldout_fraction_zero_is_blamed_for_a_method_that_needs_heldout_batches(write_suite, registry_with_scorer):
+    data = {**TINY["data"], "heldout_fraction": 0}
+    message = _error(write_suite(data=data, methods=["test_scorer"]), registry_with_scorer)
+    assert "data.heldout_fraction is 0" in message and "test_scorer" in message
+    tiny_pool = {**TINY["data"], "heldout_fraction": 0.0001}  # 4 tokens of 40k: not one window
+    assert "raise data.heldout_fraction" in _error(write_suite(data=tiny_pool, methods=["test_scorer"]), registry_with_scorer)
+    few = {**TINY["training"], "heldout_batches": 1}
+    assert "training.heldout_batches is 1" in _error(write_suite(training=few, methods=["test_scorer"]), registry_with_scorer)
+    expand_suite(write_suite(data=data, methods=["static"]), registry_with_scorer)  # others do not need the pool

@@ -45,3 +45,9 @@ def test_unknown_sparsae_option_is_refused_listing_the_allowed_ones(registry, wr
     path = write_suite(methods=[{"sparsae": {"lamda": 3}}])
     with pytest.raises(SuiteError, match=r"unknown option of method 'sparsae'. Did you mean 'lambda_'\?"):
         expand_suite(path, registry)
+
+
+@pytest.mark.parametrize("method", ["sparsae", "sparsae_search"])
+def test_a_suite_without_heldout_data_is_refused_naming_heldout_fraction(method, registry):
+    with pytest.raises(SuiteError, match=r"data\.heldout_fraction is 0.*set data\.heldout_fraction > 0"):
+        expand_suite(SUITES / "smoke.yaml", registry, {"data.heldout_fraction": 0, "methods": [method]})
