@@ -89,6 +89,15 @@ class TrainingConfig(StrictModel):
     keep_checkpoints: int = Field(1, ge=0, description="newest checkpoints kept; 0: delete them once the run has finished")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # --- execution: how fast a run goes; none of these changes what is trained, bar float rounding
+    compile: bool = Field(False, description="torch.compile the model for the training forward and backward")
+    threads: Union[Literal["auto"], PositiveInt] = Field(
+        "auto", description="torch intra-op threads: auto (from the model's size and the free cores, or "
+        "OMP_NUM_THREADS when set) or a count"
+    )
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="masked AdamW step: triton (fused kernel), torch, or auto (triton on a CUDA GPU)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainingConfig":

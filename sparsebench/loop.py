@@ -6,10 +6,11 @@ engine's business (:mod:`sparsebench.engines`); this loop reads the same on ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -18,7 +19,7 @@ from sparsebench.context import Run, perplexity
 from sparsebench.engines import make_engine
 from sparsebench.engines.mask_ops import validate_masks
 from sparsebench.errors import SparsebenchError
-from sparsebench.losses import autocast_context, cross_entropy
+from sparsebench.losses import LossWindow, autocast_context, cross_entropy
 from sparsebench.memory import PeakMemory
 from sparsebench.run_setup import Setup
 from sparsebench.schedule import set_lr
@@ -49,17 +50,23 @@ class LoopResult:
 
 @torch.no_grad()
 def evaluate(run: Run, batches: list) -> float:
-    """Mean token NLL over ``batches`` (every batch holds the same number of tokens per row)."""
+    """Mean token NLL over ``batches`` (every batch holds the same number of tokens per row).
+
+    The batch losses stay on the device until the end: one synchronisation, not one per batch.
+    """
     was_training = run.model.training
     run.model.eval()
-    total, count = 0.0, 0
+    losses, sizes = [], []
     with autocast_context(run):
         for batch in batches:
             logits = run.model(input_ids=batch["input_ids"]).logits
-            n = batch["labels"].numel()
-            total += float(cross_entropy(logits, batch["labels"])) * n
-            count += n
+            losses.append(cross_entropy(logits, batch["labels"]))
+            sizes.append(batch["labels"].numel())
     run.model.train(was_training)
+    total, count = 0.0, 0
+    for loss, n in zip(torch.stack(losses).tolist(), sizes):  # the float64 arithmetic of a read per batch
+        total += loss * n
+        count += n
     return total / count
 
 
@@ -109,80 +116,83 @@ def train(
     run.model.train()
     tokens_per_step = run.tokens_per_step
     window_start, window_tokens = time.perf_counter(), 0
+    losses = LossWindow(t.grad_accum)  # read where the host waits anyway: no synchronisation per step
     for step in range(run.step + 1, t.steps + 1):
         run.step = step
-        step_start = time.perf_counter()
-        lr = set_lr(run.optimizer, step, t)
+        with _non_finite_first(engine, losses):  # a step after a non-finite loss may fail because of it
+            step_start = time.perf_counter()
+            lr = set_lr(run.optimizer, step, t)
 
-        ce_total, terms_total = 0.0, {}
-        for micro in range(t.grad_accum):
-            batch = sampler.next()
-            with autocast_context(run):
-                outputs = run.model(input_ids=batch["input_ids"])
-                ce = cross_entropy(outputs.logits, batch["labels"])
-            terms = hooks.loss_terms(run=run, step=step, batch=batch, outputs=outputs)
-            loss = ce + sum(terms.values()) if terms else ce
-            engine.backward(loss, last=micro == t.grad_accum - 1)
-            ce_total += float(ce.detach()) / t.grad_accum  # a device sync: needed for the NaN check anyway
-            for k, v in terms.items():
-                terms_total[k] = terms_total.get(k, 0.0) + float(v.detach()) / t.grad_accum
-        ce_total, terms_total = engine.mean_over_ranks(ce_total, terms_total)
-        if not math.isfinite(ce_total) or not all(map(math.isfinite, terms_total.values())):
-            raise NonFiniteLoss(f"loss became non-finite at step {step} (cross-entropy {ce_total}, terms {terms_total})")
+            for micro in range(t.grad_accum):
+                batch = sampler.next()
+                with autocast_context(run):
+                    outputs = engine.model(input_ids=batch["input_ids"])  # run.model, or its compiled form
+                    ce = cross_entropy(outputs.logits, batch["labels"])
+                terms = hooks.loss_terms(run=run, step=step, batch=batch, outputs=outputs)
+                loss = ce + sum(terms.values()) if terms else ce
+                engine.backward(loss, last=micro == t.grad_accum - 1)
+                losses.add(step, ce, terms)
 
-        with engine.dense_grads():  # p.grad: the full gradient of every sparsifiable weight
-            change = hooks.update_mask(run=run, step=step, masks=run.masks)
-        change = engine.agree(change)  # rank 0's decision on every rank
-        if change:
-            old = {n: run.masks[n] for n in change}
-            validate_masks(change, run.sparsifiable, old, method_name, setup.keep_counts)
-            changed = engine.apply_mask_change(old, change)  # zeroes weights, resets optimizer moments
-            run.masks = {**run.masks, **change}
-            engine.set_masks(run.masks)
-            densities = {n: run.density(n) for n in run.masks}
-            run.log(mask_changed=sum(changed.values()))
-            hooks.on_mask_change(run=run, step=step, old=old, new=dict(change))
-            engine.adopt_weight_edits(change)  # the weights as the harness and the plugins left them
+            with engine.dense_grads():  # p.grad: the full gradient of every sparsifiable weight
+                change = hooks.update_mask(run=run, step=step, masks=run.masks)
+            change = engine.agree(change)  # rank 0's decision on every rank
+            if change:
+                _check_losses(engine, losses)  # applying a change waits for the device anyway
+                old = {n: run.masks[n] for n in change}
+                validate_masks(change, run.sparsifiable, old, method_name, setup.keep_counts)
+                changed = engine.apply_mask_change(old, change)  # zeroes weights, resets optimizer moments
+                run.masks = {**run.masks, **change}
+                engine.set_masks(run.masks)
+                densities = {n: run.density(n) for n in run.masks}
+                run.log(mask_changed=sum(changed.values()))
+                hooks.on_mask_change(run=run, step=step, old=old, new=dict(change))
+                engine.adopt_weight_edits(change)  # the weights as the harness and the plugins left them
 
-        upkeep_start = time.perf_counter()
-        engine.mask_grads()
-        timings.upkeep_s += time.perf_counter() - upkeep_start
-        engine.clip_grads()
-        hooks.before_optimizer_step(run=run, step=step)
-        grad_norm = engine.step()
-        upkeep_start = time.perf_counter()
-        engine.mask_weights()
-        timings.upkeep_s += time.perf_counter() - upkeep_start
-        hooks.after_optimizer_step(run=run, step=step)
-        engine.adopt_weight_edits()  # e.g. a burn-in's rescaling after the step
+            upkeep_start = time.perf_counter()
+            engine.mask_grads()
+            timings.upkeep_s += time.perf_counter() - upkeep_start
+            engine.clip_grads()
+            hooks.before_optimizer_step(run=run, step=step)
+            grad_norm = engine.step()  # a device tensor (or None): read only when logged
+            upkeep_start = time.perf_counter()
+            engine.mask_weights()
+            timings.upkeep_s += time.perf_counter() - upkeep_start
+            hooks.after_optimizer_step(run=run, step=step)
+            engine.adopt_weight_edits()  # e.g. a burn-in's rescaling after the step
 
-        run.ledger.add_step(tokens_per_step, densities)
-        timings.step_s += time.perf_counter() - step_start
-        window_tokens += tokens_per_step
+            logged = step % t.log_every == 0 or step == t.steps
+            evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step != t.steps
+            if logged or evaluated:  # the one device sync of the log window, counted as step time
+                ce_total, terms_total = _check_losses(engine, losses)
+            run.ledger.add_step(tokens_per_step, densities)
+            timings.step_s += time.perf_counter() - step_start
+            window_tokens += tokens_per_step
 
-        if step % t.log_every == 0 or step == t.steps:
-            now = time.perf_counter()
-            run.log(
-                loss=ce_total,
-                **{f"loss/{k}": v for k, v in terms_total.items()},
-                lr=lr,
-                tokens=step * tokens_per_step,
-                tokens_per_s=window_tokens / max(now - window_start, 1e-9),
-                sparsity=1.0 - _overall_density(run),
-                train_flops=run.ledger.total,
-                **({"grad_norm": grad_norm} if t.grad_clip else {}),
-            )
-            window_start, window_tokens = now, 0
-            memory.sample()
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            eval_start = time.perf_counter()
-            _validate(run, setup, step)
-            timings.eval_s += time.perf_counter() - eval_start
-        _flush(run, setup, step, on_step)
-        if checkpoints.due(step):  # every checkpoint_every steps, at the last step, after Ctrl-C
-            checkpoints.save(_loop_state(initial_masks, timings, started, memory, prior_peak))
-        checkpoints.stop_if_interrupted()
+            if logged:
+                now = time.perf_counter()
+                run.log(
+                    loss=ce_total,
+                    **{f"loss/{k}": v for k, v in terms_total.items()},
+                    lr=lr,
+                    tokens=step * tokens_per_step,
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    sparsity=1.0 - _overall_density(run),
+                    train_flops=run.ledger.total,
+                    **({"grad_norm": None if grad_norm is None else float(grad_norm)} if t.grad_clip else {}),
+                )
+                window_start, window_tokens = now, 0
+                memory.sample()
+            if evaluated:
+                eval_start = time.perf_counter()
+                _validate(run, setup, step)
+                timings.eval_s += time.perf_counter() - eval_start
+            _flush(run, setup, step, on_step)
+            if checkpoints.due(step):  # every checkpoint_every steps, at the last step, after Ctrl-C
+                _check_losses(engine, losses)  # never a checkpoint of weights trained on a non-finite loss
+                checkpoints.save(_loop_state(initial_masks, timings, started, memory, prior_peak))
+            checkpoints.stop_if_interrupted()
 
+    _check_losses(engine, losses)
     eval_start = time.perf_counter()
     val_loss = _validate(run, setup, run.step)
     _flush(run, setup, run.step, on_step)
@@ -191,6 +201,35 @@ def train(
     timings.total_s = time.perf_counter() - started
     memory.sample()
     return LoopResult(run, initial_masks, val_loss, test_loss, timings, max(prior_peak, memory.peak_bytes()))
+
+
+def _check_losses(engine, losses: LossWindow) -> tuple[float, dict[str, float]]:
+    """Read the kept losses; raise :class:`NonFiniteLoss` naming the first step whose loss (averaged
+    over ranks) is NaN or infinite. Returns the last step's cross-entropy and terms."""
+    for step, ce, terms in losses.read():
+        ce_total, terms_total = engine.mean_over_ranks(ce, terms)
+        if not math.isfinite(ce_total) or not all(map(math.isfinite, terms_total.values())):
+            raise NonFiniteLoss(f"loss became non-finite at step {step} (cross-entropy {ce_total}, terms {terms_total})")
+        losses.latest = (ce_total, terms_total)
+    return losses.latest
+
+
+@contextlib.contextmanager
+def _non_finite_first(engine, losses: LossWindow) -> Iterator[None]:
+    """An error in a step after a non-finite loss (e.g. a method choking on NaN gradients) is
+    reported as the :class:`NonFiniteLoss` that caused it, naming its step."""
+    try:
+        yield
+    except NonFiniteLoss:
+        raise
+    except Exception as exc:
+        try:
+            _check_losses(engine, losses)
+        except NonFiniteLoss as non_finite:
+            raise non_finite from exc
+        except Exception:  # the device itself may be what failed: report the original error
+            pass
+        raise
 
 
 def _loop_state(initial_masks: dict, timings: Timings, started: float, memory: PeakMemory, prior_peak: int) -> LoopState:

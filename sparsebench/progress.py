@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from sparsebench import hookimpl
+from sparsebench.run_setup import execution_header
 
 
 def make_progress(console: Optional[Console] = None) -> Progress:
@@ -57,6 +58,7 @@ class RunProgress:
 
     @hookimpl
     def on_train_start(self, run) -> None:
+        self.progress.console.print(f"{self.label}: {execution_header(run)}", highlight=False)  # the run header
         self.task = self.progress.add_task(self.label, total=run.total_steps, completed=run.step, info="")
         self.started = (time.perf_counter(), run.step)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ from sparsebench.flops import FlopsLedger
 from sparsebench.masks import sparsifiable_layers
 from sparsebench.models import build_model
 from sparsebench.registry import HookTimer, Hooks, Registry, make_plugin_manager
+from sparsebench.threads import ThreadChoice, set_threads
 
 
 @dataclass
@@ -31,6 +33,10 @@ class Setup:
     timer: HookTimer
     keep_counts: bool
     keeps_dense: bool = False  # a plugin declares keeps_dense_weights (see Method)
+    #: torch's intra-op thread count for this run and why (``training.threads``)
+    threads: ThreadChoice = field(default_factory=lambda: ThreadChoice(torch.get_num_threads(), "unchanged"))
+    #: who runs the masked AdamW step: ``"torch"`` (mask, AdamW, mask) or ``"triton"`` (one fused kernel)
+    kernels: str = "torch"
 
 
 def seed_everything(seed: int) -> None:
@@ -47,8 +53,15 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on 2-D+ weights (not on norms and biases), as in nanoGPT."""
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig, kernels: str = "torch", fuse: bool = True) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on 2-D+ weights (not on norms and biases), as in nanoGPT.
+
+    ``fused`` where ``fuse`` and every parameter is a floating CUDA tensor (one kernel for the
+    whole step), else ``foreach`` (the CPU path, unchanged). With ``kernels="triton"`` the engine
+    steps through :func:`sparsebench_kernels.masked_adamw_step`, which keeps AdamW's non-fused
+    state: ``foreach``. DeepSpeed runs keep ``foreach`` (``fuse=False``): its ZeRO optimizers wrap
+    this one and are not tested with the fused flavour.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     # Tied embeddings appear once in model.parameters(), so no parameter is in two groups.
     decay = [p for p in params if p.dim() >= 2]
@@ -57,7 +70,46 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    fused = fuse and kernels == "torch" and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    if fused:
+        return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, foreach=True)
+
+
+def resolve_kernels(choice: str, device: torch.device, sparsity: float, engine: str = "local") -> str:
+    """``training.kernels`` → ``"torch"`` or ``"triton"``; ``triton`` where it cannot run is a one-line error.
+
+    ``auto`` takes the fused masked-AdamW kernel only where it saves passes: a sparse run
+    (``sparsity > 0``) of the local engine on a GPU. A dense run keeps fused AdamW, which is one
+    pass already and one launch for all tensors instead of one per tensor.
+    """
+    from sparsebench_kernels import select_backend
+
+    if engine != "local" and choice == "triton":
+        raise PluginError("training.kernels: 'triton' is supported by the local engine only; use 'auto' or 'torch'")
+    try:
+        backend = select_backend(choice, device)
+    except (RuntimeError, ValueError) as exc:
+        raise PluginError(str(exc)) from None
+    return "torch" if choice == "auto" and (sparsity == 0 or engine != "local") else backend
+
+
+def _engine_kind(cfg: RunConfig) -> str:
+    return "deepspeed" if cfg.distributed.backend == "deepspeed" else "local"
+
+
+def execution_header(run: Run) -> str:
+    """One line on how the run executes: device, dtype, threads, compile, kernels (the run header)."""
+    t = run.config.training
+    threads = torch.get_num_threads()
+    if t.threads != "auto":
+        setting = "training.threads"
+    else:
+        setting = "auto: OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "auto: model size, free cores"
+    parts = [f"device {run.device}", t.dtype, f"{threads} torch thread{'s' if threads != 1 else ''} ({setting})",
+             "compiled" if t.compile else "eager",
+             f"kernels {resolve_kernels(t.kernels, run.device, run.sparsity, _engine_kind(run.config))}"]
+    return " · ".join(parts)
 
 
 def instantiate(spec: MethodSpec, registry: Registry) -> tuple[str, Any]:
@@ -89,11 +141,14 @@ def setup_run(
     t, d = cfg.training, cfg.data
     seed_everything(cfg.seed)
     device = resolve_device(t.device)
+    engine = _engine_kind(cfg)
+    kernels = resolve_kernels(t.kernels, device, cfg.sparsity, engine)  # 'triton' where it cannot run fails here
     data = load_token_splits(d)
 
     model = build_model(cfg.model, data.vocab_size, d.seq_len).to(device)
+    threads = set_threads(t.threads, sum(p.numel() for p in model.parameters()))
     layers = sparsifiable_layers(model, cfg.sparsify.include, cfg.sparsify.exclude)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, t, kernels, fuse=engine == "local")
 
     # The held-out tail is cut off before sampling, so no training batch ever overlaps it.
     n_heldout = int(len(data.train) * d.heldout_fraction)
@@ -134,4 +189,5 @@ def setup_run(
     )
     keep_counts = not any(getattr(p, "changes_density", False) for _, p in plugins)
     keeps_dense = any(getattr(p, "keeps_dense_weights", False) for _, p in plugins)
-    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts, keeps_dense)
+    return Setup(run, Hooks(pm), sampler, val_batches, test_batches, timer, keep_counts, keeps_dense,
+                 threads=threads, kernels=kernels)

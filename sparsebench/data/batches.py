@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -19,6 +21,11 @@ class TrainSampler:
 
     The sampler's own generator makes the data order part of the run's seed and of its
     checkpoint (``state_dict``), independent of what methods draw from ``run.generator``.
+
+    On CUDA the next batch is prepared while the device runs the current step: gathered into
+    pinned host memory and copied with ``non_blocking=True`` (a copy from pageable memory would
+    make the host wait for the device). The batches are the same as without prefetching; the
+    checkpointed generator state is the one before the prefetched draw. On CPU nothing changes.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, device: torch.device):
@@ -26,17 +33,39 @@ class TrainSampler:
             raise ValueError(f"the train split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size, self.device = tokens, seq_len, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
+        self.prefetch = torch.device(device).type == "cuda"
+        self._ahead: Optional[tuple[torch.Tensor, Batch]] = None  # (generator state before the draw, batch)
+
+    def _starts(self) -> np.ndarray:
+        high = len(self.tokens) - self.seq_len - 1
+        return torch.randint(0, high + 1, (self.batch_size,), generator=self.generator).numpy()
 
     def next(self) -> Batch:
-        high = len(self.tokens) - self.seq_len - 1
-        starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator).numpy()
-        return _window_batch(self.tokens, starts, self.seq_len, self.device)
+        if not self.prefetch:
+            return _window_batch(self.tokens, self._starts(), self.seq_len, self.device)
+        if self._ahead is None:
+            self._ahead = self._draw_ahead()
+        batch = self._ahead[1]
+        self._ahead = self._draw_ahead()
+        return batch
+
+    def _draw_ahead(self) -> tuple[torch.Tensor, Batch]:
+        state = self.generator.get_state()
+        starts = self._starts()
+        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        data = torch.from_numpy(rows)
+        if torch.device(self.device).type == "cuda":
+            data = data.pin_memory()  # the caching host allocator keeps it until the copy is done
+        data = data.to(self.device, non_blocking=True)
+        return state, {"input_ids": data[:, :-1], "labels": data[:, 1:]}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = self._ahead[0] if self._ahead is not None else self.generator.get_state()
+        return {"generator": state}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._ahead = None
 
 
 def fixed_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, device: torch.device) -> list[Batch]:

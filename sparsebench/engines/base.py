@@ -2,8 +2,8 @@
 
 The loop (:mod:`sparsebench.loop`) calls these methods in this order each optimizer step::
 
-    for each micro-batch:  engine.backward(loss, last=...)
-    engine.mean_over_ranks(ce, terms)            # the losses every rank logs and checks
+    for each micro-batch:  outputs = engine.model(...); engine.backward(loss, last=...)
+    engine.mean_over_ranks(ce, terms)            # the losses every rank logs and checks (read at log steps)
     with engine.dense_grads():  update_mask(...)  # p.grad: the full reduced gradient
     engine.agree(change)                         # rank 0's decision, on every rank
     engine.apply_mask_change(old, new); engine.set_masks(masks); on_mask_change(...)
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping, Optional, Union
 
 import torch
 
 from sparsebench.engines.mask_ops import MaskUpkeep, zero_pruned_weights
+from sparsebench.errors import PluginError
 
 if TYPE_CHECKING:
     from sparsebench.run_setup import Setup
@@ -40,6 +41,8 @@ class Engine(ABC):
 
     #: the name of the engine (in logs and docs)
     name: str = "engine"
+    #: whether the engine runs ``training.compile: true`` (a compiled forward through :attr:`model`)
+    supports_compile: bool = False
 
     def __init__(self, setup: "Setup"):
         self.setup, self.run = setup, setup.run
@@ -47,7 +50,12 @@ class Engine(ABC):
         # the pruned weights, their gradients and their optimizer state alone until the last step
         self.keeps_dense = setup.keeps_dense
         self.upkeep = MaskUpkeep(setup.run.sparsifiable, enabled=not setup.keeps_dense)
-        self._grad_norm: Optional[float] = None
+        self._grad_norm: Optional[torch.Tensor] = None
+        #: what the loop calls for a training forward: ``run.model``, or a compiled wrapper sharing its
+        #: parameters (``run.model`` itself stays a plain module: plugins copy it, evaluation runs it)
+        self.model: Callable[..., Any] = setup.run.model
+        if setup.run.config.training.compile and not self.supports_compile:
+            raise PluginError(f"training.compile: true is not supported by the {self.name} engine; set it to false")
 
     # -------------------------------------------------------------- lifecycle
 
@@ -70,7 +78,10 @@ class Engine(ABC):
         """Backward of one micro-batch's loss (scaled for accumulation); ``last``: the step's last."""
 
     def mean_over_ranks(self, ce: float, terms: dict[str, float]) -> tuple[float, dict[str, float]]:
-        """The step's cross-entropy and extra loss terms averaged over ranks (identity on one)."""
+        """A step's cross-entropy and extra loss terms averaged over ranks (identity on one).
+
+        The loop reads losses where it waits for the device anyway (log steps, mask changes,
+        evaluations, checkpoints) and then calls this once per step read, on every rank alike."""
         return ce, terms
 
     # -------------------------------------------------------------- masks
@@ -111,9 +122,11 @@ class Engine(ABC):
     def clip_grads(self) -> None:
         """Clip the gradients to ``training.grad_clip`` (global norm), before ``before_optimizer_step``."""
         clip = self.run.config.training.grad_clip
-        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.run.model.parameters(), clip)) if clip else None
+        # the norm stays a device tensor: reading it here would wait for the backward pass
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.run.model.parameters(), clip) if clip else None
 
     @abstractmethod
-    def step(self) -> Optional[float]:
+    def step(self) -> Union[torch.Tensor, float, None]:
         """The optimizer step; gradients are cleared. Returns the global gradient norm before
-        clipping (``None`` when nothing clipped or measured it)."""
+        clipping (a float or a 0-dim tensor the loop reads only when it logs it; ``None`` when
+        nothing clipped or measured it)."""

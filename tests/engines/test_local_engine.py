@@ -140,3 +140,108 @@ def test_the_loop_logs_the_gradient_norm_before_clipping(write_suite, registry, 
     train_config(cfg, registry, out_dir=tmp_path)
     norms = [r["grad_norm"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
     assert len(norms) == 2 and all(n > 1e-2 for n in norms)
+
+
+# --------------------------------------------------------------------------------------------
+# execution settings: optimizer flavour, kernels, compile, the run header
+# --------------------------------------------------------------------------------------------
+
+
+def test_adamw_runs_foreach_on_cpu_and_fused_only_where_every_parameter_is_on_cuda(write_suite, registry):
+    from sparsebench.run_setup import make_optimizer
+
+    setup = _setup(write_suite, registry)
+    group = setup.run.optimizer.param_groups[0]
+    assert group["foreach"] and not group["fused"]  # the CPU path is unchanged
+    t = setup.run.config.training
+    assert not make_optimizer(setup.run.model, t).param_groups[0]["fused"]
+
+
+def test_triton_kernels_on_cpu_without_the_interpreter_fail_at_start_in_one_line(write_suite, registry, monkeypatch):
+    from sparsebench.errors import PluginError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PluginError, match=r"^training.kernels: 'triton' cannot run on device 'cpu'") as raised:
+        _setup(write_suite, registry, kernels="triton")
+    assert "\n" not in str(raised.value)
+
+
+def test_auto_kernels_on_cpu_keep_the_torch_path(write_suite, registry):
+    setup, run, engine = _start(write_suite, registry)
+    assert setup.kernels == "torch" and engine.kernels == "torch"
+
+
+def test_an_engine_without_compile_support_refuses_training_compile(write_suite, registry):
+    from sparsebench.engines.base import Engine
+    from sparsebench.errors import PluginError
+
+    class Plain(Engine):
+        name = "plain"
+        backward = apply_mask_change = step = lambda *a, **k: None
+
+    setup = _setup(write_suite, registry, compile=True)
+    with pytest.raises(PluginError, match="training.compile: true is not supported by the plain engine"):
+        Plain(setup)
+
+
+def test_the_run_header_names_device_dtype_threads_compile_and_kernels(write_suite, registry):
+    from sparsebench.run_setup import execution_header
+
+    setup = _setup(write_suite, registry, threads=1)
+    header = execution_header(setup.run)
+    assert header == "device cpu · float32 · 1 torch thread (training.threads) · eager · kernels torch"
+
+
+class SwapAtThree(Method):
+    """Half of every layer pruned; one pruned and one active position swapped at step 3."""
+
+    name = "swap_at_three"
+
+    @hookimpl
+    def init_mask(self, run, model):
+        return _half_masks(run)
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        if step != 3:
+            return None
+        new = {}
+        for name, m in masks.items():
+            flat = m.clone().view(-1)
+            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
+            flat[off], flat[on] = True, False
+            new[name] = flat.view_as(m)
+        return new
+
+
+@pytest.mark.slow  # inductor compiles the tiny GPT's forward and backward in C++: minutes on a busy CPU
+def test_a_compiled_run_keeps_masks_and_hooks_and_matches_the_eager_run(write_suite):
+    registry = registry_with(SwapAtThree)
+    base = {"steps": 5, "batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "eval_every": 0,
+            "eval_batches": 1, "log_every": 5, "device": "cpu"}
+    cfg = run_configs(write_suite(training=base), registry)[0].model_copy(
+        update={"method": MethodSpec(name="swap_at_three")})
+    compiled_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"compile": True})})
+    eager_setup, eager = train_config(cfg, registry)
+    setup, compiled = train_config(compiled_cfg, registry)
+    run = setup.run
+    assert not isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule)  # plugins copy a plain module
+    for name, p in run.sparsifiable.items():
+        assert torch.equal(run.masks[name], eager.run.masks[name])  # the step-3 swap was applied
+        assert torch.all(p.detach()[~run.masks[name]] == 0)
+        torch.testing.assert_close(p.detach(), eager.run.sparsifiable[name].detach(), rtol=1e-4, atol=1e-5)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-5)
+
+
+def test_auto_kernels_take_the_fused_masked_kernel_only_for_sparse_local_runs_on_a_gpu(monkeypatch):
+    from sparsebench.errors import PluginError
+    from sparsebench.run_setup import resolve_kernels
+
+    monkeypatch.setattr("sparsebench_kernels.select_backend", lambda choice, device: "torch" if choice == "torch" else "triton")  # as on a GPU
+    gpu = torch.device("cuda")
+    assert resolve_kernels("auto", gpu, sparsity=0.9) == "triton"
+    assert resolve_kernels("auto", gpu, sparsity=0.0) == "torch"  # dense: fused AdamW is one pass already
+    assert resolve_kernels("auto", gpu, sparsity=0.9, engine="deepspeed") == "torch"
+    assert resolve_kernels("torch", torch.device("cpu"), sparsity=0.9) == "torch"
+    with pytest.raises(PluginError, match="local engine only"):
+        resolve_kernels("triton", gpu, sparsity=0.9, engine="deepspeed")

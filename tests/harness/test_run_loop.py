@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparsebench import hookimpl
@@ -218,3 +219,128 @@ def test_the_loop_names_no_backend_and_calls_the_engine_only():
     for word in ("deepspeed", "distributed", "torch.distributed", "world_size", "rank0"):
         assert word not in text.lower(), word
     assert "from sparsebench.engines import make_engine" in text
+
+
+# --------------------------------------------------------------------------------------------
+# losses are read at log steps only, yet the first non-finite step is named exactly
+# --------------------------------------------------------------------------------------------
+
+
+class LossProbe(Method):
+    """Reads each micro-batch's cross-entropy itself (as the loop once did); NaN from step ``nan_at``."""
+
+    name = "loss_probe"
+
+    def __init__(self, config=None, nan_at=None, fail_at=None, nan_term=False):
+        super().__init__(config)
+        self.nan_at, self.fail_at, self.nan_term = nan_at, fail_at, nan_term
+        self.read = {}
+
+    @hookimpl
+    def loss_terms(self, run, step, batch, outputs):
+        from sparsebench.losses import cross_entropy
+
+        ce = float(cross_entropy(outputs.logits.detach(), batch["labels"]))
+        ga = run.config.training.grad_accum
+        self.read[step] = self.read.get(step, 0.0) + ce / ga
+        if self.nan_term and self.nan_at is not None and step >= self.nan_at:
+            return {"bad": outputs.logits.sum() * float("nan")}
+        return {}
+
+    @hookimpl
+    def after_optimizer_step(self, run, step):
+        if not self.nan_term and self.nan_at is not None and step == self.nan_at - 1:
+            with torch.no_grad():  # the cross-entropy of step nan_at is NaN
+                run.model.get_input_embeddings().weight.fill_(float("nan"))
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        if self.fail_at is not None and step == self.fail_at:
+            raise RuntimeError("a method choking on NaN gradients")
+        return None
+
+
+def _probe_run(write_suite, probe, tmp_path=None, **training):
+    registry = registry_with(LossProbe)
+    cfg = run_configs(_tiny(write_suite, **training), registry)[0]
+    return train_config(cfg, registry, out_dir=tmp_path, observers=[("loss_probe", probe)])
+
+
+def test_the_logged_loss_is_the_steps_cross_entropy_read_as_a_float(write_suite, tmp_path):
+    import json
+
+    probe = LossProbe()
+    _probe_run(write_suite, probe, tmp_path, grad_accum=2, log_every=3, eval_every=0)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(logged) == [3, 6]
+    for step, loss in logged.items():
+        assert loss == probe.read[step]  # bit-identical to a read per micro-batch
+
+
+@pytest.mark.parametrize("nan_term", [False, True])
+def test_a_non_finite_loss_between_log_steps_is_reported_at_its_own_step(write_suite, nan_term):
+    from sparsebench.loop import NonFiniteLoss
+
+    probe = LossProbe(nan_at=3, nan_term=nan_term)
+    with pytest.raises(NonFiniteLoss, match=r"^loss became non-finite at step 3 \(cross-entropy"):
+        _probe_run(write_suite, probe, log_every=5, eval_every=0, steps=8)
+
+
+def test_an_error_caused_by_an_earlier_non_finite_loss_names_the_loss_and_its_step(write_suite):
+    from sparsebench.loop import NonFiniteLoss
+
+    probe = LossProbe(nan_at=2, fail_at=4)
+    with pytest.raises(NonFiniteLoss, match="at step 2") as raised:
+        _probe_run(write_suite, probe, log_every=6, eval_every=0, steps=6)
+    assert "choking" in str(raised.value.__cause__)
+
+
+def test_no_checkpoint_holds_weights_trained_on_a_non_finite_loss(write_suite, tmp_path):
+    from sparsebench.checkpoints import list_checkpoints
+    from sparsebench.loop import NonFiniteLoss
+
+    probe = LossProbe(nan_at=3)
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        _probe_run(write_suite, probe, tmp_path, log_every=6, eval_every=0, steps=6, checkpoint_every=2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_the_losses_are_read_at_log_steps_only(write_suite, monkeypatch):
+    """On CUDA a read makes the host wait for the device: none inside the steps between logs."""
+    from sparsebench.losses import LossWindow
+
+    reads = []
+    original = LossWindow.read
+
+    def counting_read(self):
+        reads.append(sorted({step for step in self._steps}))
+        return original(self)
+
+    monkeypatch.setattr(LossWindow, "read", counting_read)
+    registry = registry_with()
+    cfg = [c for c in run_configs(_tiny(write_suite, steps=10, log_every=5, eval_every=0), registry)
+           if c.method.name == "static"][0]
+    train_config(cfg, registry)
+    assert reads == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], []]  # two log steps, then the end of training
+
+
+class DtypeProbe(Method):
+    name = "dtype_probe"
+
+    @hookimpl
+    def loss_terms(self, run, step, batch, outputs):
+        self.logits_dtype = outputs.logits.dtype
+        return {}
+
+
+def test_bf16_autocast_trains_with_bf16_matmuls_and_keeps_pruned_weights_at_zero(write_suite):
+    registry = registry_with(DtypeProbe)
+    cfg = [c for c in run_configs(_tiny(write_suite, dtype="bfloat16", eval_every=0), registry)
+           if c.method.name == "static"][0]
+    probe = DtypeProbe()
+    setup, result = train_config(cfg, registry, observers=[("dtype_probe", probe)])
+    assert probe.logits_dtype == torch.bfloat16
+    assert result.val_loss == result.val_loss and result.val_loss < 10  # finite
+    for name, p in setup.run.sparsifiable.items():
+        assert p.dtype == torch.float32 and torch.all(p.detach()[~setup.run.masks[name]] == 0)
