@@ -81,6 +81,7 @@ def summaries_frame(summaries: Iterable[dict]) -> pd.DataFrame:
         row["entropy_floor_ppl"] = s.get("entropy_floor_ppl")
         row["sparsity_model"] = s.get("sparsity_model")
         row["method_config"] = json.dumps(s.get("method_config", {}), sort_keys=True)
+        row["warnings"] = len(s.get("warnings") or [])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -96,7 +97,7 @@ def _mean_std(values: pd.Series, fmt: str) -> str:
 
 TABLE_COLUMNS = [
     "method", "sparsity", "model", "seeds", "val ppl", "test ppl", "train FLOPs ×dense",
-    "inference FLOPs ×dense", "overhead %", "wall s", "status",
+    "inference FLOPs ×dense", "overhead %", "wall s", "status", "warnings",
 ]
 
 
@@ -121,6 +122,7 @@ def comparison_table(summaries: list[dict]) -> pd.DataFrame:
             "overhead %": _mean_std(ok["overhead_frac"] * 100, ".2f"),
             "wall s": _mean_std(ok["wall_time_s"], ".1f"),
             "status": "ok" if not failed else f"FAILED ({failed}/{len(g)}): {g.loc[g['status'] != 'ok', 'error'].iloc[0]}",
+            "warnings": f"⚠ {int(ok['warnings'].sum())}" if ok["warnings"].sum() else "",  # summary.json's warnings
         })
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
