@@ -289,8 +289,7 @@ def test_a_third_party_test_file_runs_the_kit_through_the_installed_plugin(pytes
         from pydantic import BaseModel, ConfigDict
         from sparsebench import hookimpl
         from sparsebench.conformance import MethodConformance
-        from sparsebench.api import map_layers
-from sparsebench.masks import random_masks, uniform_densities
+        from sparsebench.masks import random_masks, uniform_densities
         from sparsebench.methods import Method
 
         class Opts(BaseModel):
