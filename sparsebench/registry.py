@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 from sparsebench.errors import PluginError
 # The per-run manager moved to sparsebench.hooks; these names stay importable from here.
 from sparsebench.hooks import TRACE_ENV, Hooks, HookTimer, make_plugin_manager  # noqa: F401
-from sparsebench.hooks import CORE_HOOKS, describe_unknown, spec_names, unknown_hook_message, unknown_hooks  # noqa: F401
+from sparsebench.hooks import CORE_HOOKS, spec_names, unknown_hook_message, unknown_hooks
 from sparsebench.methods import check_method_class
 
 ENTRY_POINT_GROUP = "sparsebench"

@@ -16,8 +16,8 @@ from sparsebench_plugins.static import Static
 
 
 def _stats(density, dead_rows=0, dead_cols=0, rows=10, cols=10, actual=0.8):
-    return {"layer_density": {"a": density}, "dead_rows_by_layer": {"a": dead_rows}, "dead_cols_by_layer": {"a": dead_cols},
-            "rows_by_layer": {"a": rows}, "cols_by_layer": {"a": cols}, "sparsity_actual": actual}
+    return {"layer_density": {"a": density}, "dead_rows_by_layer": {"a": dead_rows},
+            "dead_cols_by_layer": {"a": dead_cols}, "rows_by_layer": {"a": rows}, "cols_by_layer": {"a": cols}, "sparsity_actual": actual}
 
 
 def test_a_layer_at_density_zero_is_one_warning():
