@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
-import types
 from pathlib import Path
 
 import pytest

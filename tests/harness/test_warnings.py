@@ -3,8 +3,6 @@ run and counted in the table's ``warnings`` column."""
 
 from __future__ import annotations
 
-import pytest
-import torch
 
 from sparsebench import hookimpl
 from sparsebench.api import Method, random_start
