@@ -90,6 +90,6 @@ class GMP(Method):
             return None
         target = self.schedule.sparsity(step)
         # Only active weights are ranked and none is regrown: pruned weights stay pruned.
-        changed = changed_only(masks, magnitude_masks(run.sparsifiable, masks, target, self.config.scope))
+        changed = changed_only(masks, magnitude_masks(run.sparsifiable, masks, target, self.config.scope, run.layers))
         run.log(**{"gmp/sparsity_target": target})
         return changed or None

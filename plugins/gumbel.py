@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import Method, hookimpl
-from sparsebench.api import changed_only, fraction_step, keep_top, keep_top_global
+from sparsebench.api import changed_only, fraction_step, keep_top, keep_top_global, map_layers
 
 SCORE_FLOPS = "gumbel_scores"
 # Elementwise work per sparsifiable weight and micro-batch. Forward: uniform draw, two logs, add,
@@ -240,7 +240,7 @@ class Gumbel(Method):
     def update_mask(self, run, step, masks):
         if self.finalized or step != self.finalize_step(run.total_steps):
             return None
-        new = self.final_masks(run.sparsity)
+        new = self.final_masks(run.sparsity, run.layers)
         self.cut = self.cut_change(new)
         run.log(**{f"gumbel/{k}": v for k, v in self.cut.items()})
         self._stop_learning()
@@ -274,11 +274,11 @@ class Gumbel(Method):
 
     # ---------------------------------------------------------------- finalising
 
-    def final_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+    def final_masks(self, sparsity: float, layers=None) -> dict[str, torch.Tensor]:
         """The top scores at exactly the target: ``round((1 − s)·N)`` active weights globally, or
-        ``round((1 − s)·n)`` per layer."""
+        ``round((1 − s)·n)`` per logical layer (``layers``: ``run.layers``)."""
         if self.config.scope == "layer":
-            return {n: keep_top(s, round((1.0 - sparsity) * s.numel())) for n, s in self.scores.items()}
+            return map_layers(self.scores, lambda layer, s: keep_top(s, round((1.0 - sparsity) * layer.numel)), layers)
         total = sum(s.numel() for s in self.scores.values())
         return keep_top_global(self.scores, round((1.0 - sparsity) * total))
 

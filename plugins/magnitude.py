@@ -35,5 +35,5 @@ class Magnitude(Method):
     def update_mask(self, run, step, masks):
         if step != fraction_step(self.config.prune_at, run.total_steps):
             return None
-        new = magnitude_masks(run.sparsifiable, masks, run.sparsity, self.config.scope)
+        new = magnitude_masks(run.sparsifiable, masks, run.sparsity, self.config.scope, run.layers)
         return changed_only(masks, new) or None

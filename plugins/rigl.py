@@ -14,6 +14,7 @@ from sparsebench.api import (
     drop_lowest,
     fraction_step,
     grow_highest,
+    map_layers,
     random_start,
     update_due,
 )
@@ -39,7 +40,7 @@ def rigl_update(mask, weight, grad, fraction: float):
 
 
 class RigL(Method):
-    """Every ``delta_t`` steps until ``T_end = end_fraction · T``, each layer drops the
+    """Every ``delta_t`` steps until ``T_end = end_fraction · T``, each (logical) layer drops the
     ``⌊f(t)·n_active⌋`` active weights with the smallest magnitude and grows as many inactive ones
     with the largest dense-gradient magnitude, f(t) = α/2 · (1 + cos(π t / T_end)).
 
@@ -65,11 +66,11 @@ class RigL(Method):
             return None
         self.charge_dense_gradient(run, masks)
         fraction = cosine_drop_fraction(step, self.config.alpha, end_step)
-        new = {}
-        for name, mask in masks.items():
-            param = run.sparsifiable[name]
-            if param.grad is not None:
-                new[name] = rigl_update(mask, param, param.grad, fraction)
+        def update(layer, mask):  # per logical layer: c_attn's q, k and v keep their own counts
+            grad = layer.grad()
+            return mask.clone() if grad is None else rigl_update(mask, layer.weight(), grad, fraction)
+
+        new = map_layers(masks, update, run.layers)
         changed = changed_only(masks, new)
         run.log(**{"rigl/drop_fraction": fraction,
                    "rigl/n_swapped": sum(int((new[n] & ~masks[n]).sum()) for n in changed)})

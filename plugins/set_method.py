@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import Method, hookimpl
-from sparsebench.api import changed_only, drop_lowest, fraction_step, grow_random, random_start, update_due
+from sparsebench.api import changed_only, drop_lowest, fraction_step, grow_random, map_layers, random_start, update_due
 
 
 class SETConfig(BaseModel):
@@ -46,7 +46,7 @@ def set_drop(mask: torch.Tensor, weight: torch.Tensor, zeta: float, variant: str
 
 
 class SET(Method):
-    """Every ``delta_t`` steps, remove a fraction ζ of each layer's active weights and regrow as
+    """Every ``delta_t`` steps, remove a fraction ζ of each (logical) layer's active weights and regrow as
     many at uniformly random inactive positions (just-removed ones included, as in the original
     code). Regrown weights start at zero with fresh optimizer state. The initial masks are random
     with Erdős–Rényi layer densities, as in the paper.
@@ -66,10 +66,11 @@ class SET(Method):
     def update_mask(self, run, step, masks):
         if not update_due(step, self.config.delta_t, fraction_step(self.config.end_fraction, run.total_steps)):
             return None
-        new = {}
-        for name, mask in masks.items():
-            kept = set_drop(mask, run.sparsifiable[name], self.config.zeta, self.config.variant)
-            new[name] = grow_random(kept, int(mask.sum()) - int(kept.sum()), run.generator)
+        def update(layer, mask):  # per logical layer: c_attn's q, k and v keep their own counts
+            kept = set_drop(mask, layer.weight(), self.config.zeta, self.config.variant)
+            return grow_random(kept, int(mask.sum()) - int(kept.sum()), run.generator)
+
+        new = map_layers(masks, update, run.layers)
         changed = changed_only(masks, new)
         run.log(**{"set/n_swapped": sum(int((new[n] & ~masks[n]).sum()) for n in changed)})
         return changed or None

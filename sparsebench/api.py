@@ -31,9 +31,17 @@ Contents:
 * **Writing a method** — :data:`hookimpl`, :data:`hookspec` (for a method's own hookspecs),
   :class:`Method` (the contract, with defaults), :class:`NoOptions`, :class:`Run`,
   :class:`PluginError` (raise it for a bad configuration: the user sees one line).
-* **Layers** — :class:`LayerInfo` (``run.layers[name]``: the parameter, fan-in/fan-out and which
-  tensor axes they are) and :func:`row_col_dims`.
-* **Densities and initial masks** — :func:`uniform_densities`, :func:`er_densities`,
+* **Layers** — :class:`LayerInfo` (``run.layers[name]``: the parameter, fan-in/fan-out, which
+  tensor axes they are and its logical layers ``.parts``) and :func:`row_col_dims`.
+* **Logical layers** — a fused weight (GPT-2's ``attn.c_attn`` = q | k | v) is several layers
+  for everything per-layer. :class:`LogicalLayer` (a view of part of a parameter: ``name``
+  like ``…c_attn.weight[q]``, ``parent``, ``shape``, ``fan_in``/``fan_out``, ``numel``,
+  ``view(t)``/``put(t, v)``, ``mask(masks)``, ``weight()``, ``grad()``, ``flat_index()``),
+  :func:`logical_layers` (``logical_layers(run)`` or ``run.logical_layers``: logical name →
+  layer), :func:`map_layers` (apply a per-layer mask function to every logical layer and
+  reassemble parameter masks) and :func:`register_fused_layout` (declare another fused layout;
+  the known ones are in :data:`FUSED_LAYOUTS`). Masks stay keyed by parameter name.
+* **Densities and initial masks** (per logical layer) — :func:`uniform_densities`, :func:`er_densities`,
   :func:`erk_densities`, :func:`layer_densities` (by name, :data:`DISTRIBUTION_NAMES`),
   :func:`random_masks` and :func:`random_start` (the random initial masks of static/SET/RigL).
 * **Drop/grow** — :func:`drop_lowest`, :func:`grow_highest`, :func:`grow_random`,
@@ -43,9 +51,6 @@ Contents:
 * **Losses** — :func:`cross_entropy` (the harness's training loss), :func:`autocast` (the
   autocast context the loop runs forward passes under; ``autocast_context`` is the old name)
   and :func:`perplexity` (``exp(loss)`` of a mean token NLL, ``inf`` past overflow).
-
-Fused weights (GPT-2's ``attn.c_attn``) will be exposed here as several logical layers
-(issue 10); until then a ``LayerInfo`` is one parameter.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from sparsebench.drop_grow import (
     update_due,
 )
 from sparsebench.errors import PluginError
+from sparsebench.logical_layers import FUSED_LAYOUTS, FusedLayout, LogicalLayer, logical_layers, map_layers, register_fused_layout
 from sparsebench.losses import autocast_context, cross_entropy
 from sparsebench.masks import (
     DISTRIBUTION_NAMES,
@@ -94,6 +100,13 @@ __all__ = [
     # layers
     "LayerInfo",
     "row_col_dims",
+    # logical layers
+    "LogicalLayer",
+    "FusedLayout",
+    "FUSED_LAYOUTS",
+    "logical_layers",
+    "map_layers",
+    "register_fused_layout",
     # densities and initial masks
     "DISTRIBUTION_NAMES",
     "uniform_densities",

@@ -200,7 +200,11 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List every registered method: package, version, hooks and options with defaults."""
+    """List every registered method: package, version, hooks and options with defaults.
+
+    A method with a hook implementation that no specification declares is marked BROKEN
+    (suites that use it are refused by validate and run)."""
+    from sparsebench.hooks import describe_unknown
     from sparsebench.registry import load_registry
 
     try:
@@ -215,7 +219,9 @@ def methods() -> None:
         entry = registry.entries[name]
         hooks = sorted(n for n, f in inspect.getmembers(entry.cls) if hasattr(f, "sparsebench_impl"))
         options = ", ".join(f"{k}={v!r}" for k, v in entry.cls.Config().model_dump().items())
-        table.add_row(name, entry.package, ", ".join(hooks), options or "—")
+        unknown = registry.unknown_hooks(name)  # e.g. a misspelled hook: suites that use it are refused
+        label = f"{name}\nBROKEN: {describe_unknown(unknown)}" if unknown else name
+        table.add_row(label, entry.package, ", ".join(hooks), options or "—", style="red" if unknown else None)
     console.print(table)
 
 

@@ -60,8 +60,9 @@ class Run:
     """What a plugin may read (and, where documented, change) during a run.
 
     Fixed attributes (the contract): ``model, optimizer, masks, sparsifiable, sparsity, step,
-    total_steps, device, generator, config``. Beside them: ``layers`` (name → LayerInfo with
-    fan-in/out), ``heldout`` (a pool of held-out batches for scoring masks), ``ledger`` (the FLOPs
+    total_steps, device, generator, config``. Beside them: ``layers`` (parameter name →
+    LayerInfo with fan-in/out and its logical layers), :attr:`logical_layers` (logical name →
+    :class:`~sparsebench.logical_layers.LogicalLayer`: GPT-2's ``c_attn`` is three), ``heldout`` (a pool of held-out batches for scoring masks), ``ledger`` (the FLOPs
     ledger: ``run.ledger.charge(name, flops)``), ``data`` (token splits), ``out_dir`` and
     :meth:`log`.
     """
@@ -93,6 +94,14 @@ class Run:
     def tokens_per_step(self) -> int:
         t = self.config.training
         return t.batch_size * t.grad_accum * self.config.data.seq_len
+
+    @property
+    def logical_layers(self) -> dict[str, Any]:
+        """Logical name → LogicalLayer (a fused weight's parts, every other weight whole), in
+        parameter order. Everything per-layer (densities, kept counts, statistics) uses these."""
+        from sparsebench.logical_layers import logical_layers
+
+        return logical_layers(self.layers)
 
     def density(self, name: str) -> float:
         mask = self.masks.get(name)

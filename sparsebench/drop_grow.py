@@ -11,6 +11,16 @@ modified in place, so a method may hand ``run.masks`` straight in. Counts are ex
 active count), ``grow_highest`` exactly ``k`` more (clamped to the inactive count).
 Ties are broken by ``torch.topk``, which is deterministic on a given device.
 
+**Logical layers.** A fused weight (GPT-2's ``attn.c_attn`` = q | k | v) is several layers.
+The per-tensor functions (:func:`drop_lowest`, :func:`grow_highest`, ...) work on whatever
+tensor they are given; to keep a count per logical layer, apply them through
+:func:`map_layers`, which hands ``fn`` each logical layer and its slice of the mask::
+
+    new = map_layers(masks, lambda layer, mask: drop_lowest(mask, layer.weight().abs(), k), run.layers)
+
+The functions that take whole mask dicts (:func:`magnitude_masks` with ``scope="layer"``)
+iterate logical layers themselves.
+
 Schedules count optimizer steps (``run.total_steps``), never micro-batches.
 """
 
@@ -21,7 +31,10 @@ from typing import Mapping
 
 import torch
 
+from sparsebench.logical_layers import map_layers
+
 __all__ = [
+    "map_layers",
     "update_due",
     "fraction_step",
     "cosine_drop_fraction",
@@ -161,11 +174,13 @@ def changed_only(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor
 
 
 def magnitude_masks(
-    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], sparsity: float, scope: str
+    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], sparsity: float, scope: str,
+    layers: Mapping | None = None,
 ) -> dict[str, torch.Tensor]:
     """Masks keeping the largest ``|w|`` among the active weights at ``sparsity``.
 
-    ``scope="layer"``: every layer keeps ``round((1 - sparsity) · numel)`` weights.
+    ``scope="layer"``: every logical layer keeps ``round((1 - sparsity) · numel)`` weights
+    (``layers`` is ``run.layers``; without it fused layouts are recognised by name and shape).
     ``scope="global"``: the layers together keep ``round((1 - sparsity) · N)``. Exactly the masks
     of ``torch.nn.utils.prune.l1_unstructured`` / ``global_unstructured(L1Unstructured)`` with the
     same number of weights to prune (the same ``topk(largest=False)`` picks them). Inactive
@@ -173,11 +188,11 @@ def magnitude_masks(
     """
     scores = {n: weights[n].detach().abs() for n in masks}
     if scope == "layer":
-        out = {}
-        for name, mask in masks.items():
-            keep = round((1.0 - sparsity) * mask.numel())
-            out[name] = drop_lowest(mask, scores[name], int(mask.sum()) - keep)
-        return out
+        def prune(layer, mask):
+            keep = round((1.0 - sparsity) * layer.numel)
+            return drop_lowest(mask, layer.view(scores[layer.parent]), int(mask.sum()) - keep)
+
+        return map_layers(masks, prune, layers)
     total = sum(m.numel() for m in masks.values())
     active = sum(int(m.sum()) for m in masks.values())
     keep = round((1.0 - sparsity) * total)

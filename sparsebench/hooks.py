@@ -7,6 +7,8 @@ global one. ``SPARSEBENCH_TRACE_HOOKS=1`` prints every hook call and its result 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sys
 import time
@@ -23,6 +25,57 @@ if TYPE_CHECKING:  # pragma: no cover
     from sparsebench.context import Run
 
 TRACE_ENV = "SPARSEBENCH_TRACE_HOOKS"
+_IMPL_ATTR = f"{PROJECT_NAME}_impl"
+_SPEC_ATTR = f"{PROJECT_NAME}_spec"
+
+
+# --------------------------------------------------------------------------- unknown hooks
+
+
+def spec_names(source: Any) -> set[str]:
+    """Names of the hook specifications in a module or class (``@hookspec`` functions)."""
+    if source is None:
+        return set()
+    return {name for name, value in inspect.getmembers(source) if hasattr(value, _SPEC_ATTR)}
+
+
+#: the core hook specifications (sparsebench/hookspecs.py)
+CORE_HOOKS = frozenset(spec_names(hookspecs))
+
+
+def implemented_hooks(plugin: Any) -> dict[str, str]:
+    """Attribute name → hook name of every ``@hookimpl`` on a class or instance (``specname``
+    honoured; ``optionalhook=True`` implementations are left out, as pluggy does)."""
+    out = {}
+    for name, value in inspect.getmembers(plugin):
+        opts = getattr(value, _IMPL_ATTR, None)
+        if isinstance(opts, dict) and not opts.get("optionalhook"):
+            out[name] = opts.get("specname") or name
+    return out
+
+
+def unknown_hooks(plugin: Any, known: Iterable[str]) -> list[tuple[str, Optional[str]]]:
+    """``(hook name, closest known name or None)`` for every ``@hookimpl`` of ``plugin`` that no
+    specification in ``known`` (plus the plugin's own ``hookspecs``) declares."""
+    names = set(known) | spec_names(getattr(plugin, "hookspecs", None))
+    out = []
+    for hook in sorted(set(implemented_hooks(plugin).values())):
+        if hook not in names:
+            close = difflib.get_close_matches(hook, sorted(names), n=1, cutoff=0.6)
+            out.append((hook, close[0] if close else None))
+    return out
+
+
+def describe_unknown(unknown: list[tuple[str, Optional[str]]]) -> str:
+    """``unknown hook 'init_masks' (did you mean 'init_mask'?)`` for each unknown hook."""
+    return ", ".join(f"unknown hook '{hook}'" + (f" (did you mean '{close}'?)" if close else "")
+                     for hook, close in unknown)
+
+
+def unknown_hook_message(label: str, unknown: list[tuple[str, Optional[str]]]) -> str:
+    """One line: the unknown hook(s), the closest known ones and what to do."""
+    return (f"{label}: {describe_unknown(unknown)}: no hook specification has this name, so it would never "
+            "be called; rename it or declare it in the method's `hookspecs`")
 
 
 class HookTimer:
@@ -73,9 +126,26 @@ def make_plugin_manager(plugins: Iterable[tuple[str, Any]], timer: Optional[Hook
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function = _guard(impl.function, name, caller.name, counted)
+    _refuse_unknown_hooks(pm)
     if os.environ.get(TRACE_ENV):
         _enable_tracing(pm)
     return pm
+
+
+def _refuse_unknown_hooks(pm: pluggy.PluginManager) -> None:
+    """Before anything runs: every hook implementation of every plugin of the run must have a
+    specification (the core ones or any plugin's ``hookspecs``), as ``pm.check_pending()`` asks."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        known = set(CORE_HOOKS)
+        for _, plugin in pm.list_name_plugin():
+            known |= spec_names(getattr(plugin, "hookspecs", None))
+        for name, plugin in pm.list_name_plugin():
+            unknown = unknown_hooks(plugin, known)
+            if unknown:
+                raise PluginError(unknown_hook_message(f"plugin '{name}'", unknown)) from None
+        raise
 
 
 def _enable_tracing(pm: pluggy.PluginManager) -> None:

@@ -8,6 +8,10 @@ Conventions:
   ``Conv1D``). :class:`LayerInfo` records which axis is which, so fan-in/fan-out and dead
   rows/columns mean the same thing for both: a *dead row* is an output unit all of whose
   incoming weights are pruned, a *dead column* an input unit with no active outgoing weight.
+* Everything per-layer (densities, random masks, statistics) is per **logical layer**
+  (:mod:`sparsebench.logical_layers`): a fused weight such as GPT-2's ``attn.c_attn`` counts as
+  its q, k and v parts. Densities are keyed by logical name (a parameter's own name when it is
+  not fused); masks stay keyed by parameter name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from .errors import MaskError
+from .logical_layers import LogicalLayer, logical_layers, parts_of, split_layer
 
 
 @dataclass
@@ -39,6 +44,13 @@ class LayerInfo:
     fan_out: int
     out_dim: int = 0
     in_dim: int = 1
+    #: the weight's logical layers (:func:`~sparsebench.logical_layers.split_layer`); empty = whole
+    logical: tuple[LogicalLayer, ...] = ()
+
+    @property
+    def parts(self) -> tuple[LogicalLayer, ...]:
+        """The logical layers of this weight (one, named like the weight, unless it is fused)."""
+        return parts_of(self)
 
     @property
     def numel(self) -> int:
@@ -121,7 +133,10 @@ def sparsifiable_layers(
 
     if not names:
         raise MaskError("no sparsifiable weights are left (check sparsify.include / sparsify.exclude)")
-    return {n: _layer_info(n, params[n], owners.get(n)) for n in names}
+    infos = {n: _layer_info(n, params[n], owners.get(n)) for n in names}
+    for info in infos.values():
+        info.logical = split_layer(info, model)
+    return infos
 
 
 def _no_match(kind: str, pattern: str, candidates: list[str]) -> str:
@@ -137,13 +152,21 @@ def _check_sparsity(sparsity: float) -> None:
         raise MaskError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
-def uniform_densities(layers: Mapping[str, LayerInfo], sparsity: float) -> dict[str, float]:
-    """Every layer at density ``1 - sparsity``."""
+def _logical(layers: Mapping[str, Any]) -> dict[str, LogicalLayer]:
+    """``layers`` as logical layers: ``run.layers`` (LayerInfo values) is expanded, a mapping of
+    :class:`LogicalLayer` is taken as is."""
+    if all(isinstance(v, LogicalLayer) for v in layers.values()):
+        return dict(layers)
+    return logical_layers(layers)
+
+
+def uniform_densities(layers: Mapping[str, Any], sparsity: float) -> dict[str, float]:
+    """Every logical layer at density ``1 - sparsity``."""
     _check_sparsity(sparsity)
-    return {name: 1.0 - sparsity for name in layers}
+    return {name: 1.0 - sparsity for name in _logical(layers)}
 
 
-def _erdos_renyi(layers: Mapping[str, LayerInfo], sparsity: float, raw: Mapping[str, float]) -> dict[str, float]:
+def _erdos_renyi(layers: Mapping[str, LogicalLayer], sparsity: float, raw: Mapping[str, float]) -> dict[str, float]:
     """Scale raw scores by one ε so the active count matches; cap layers at density 1.
 
     Follows google-research/rigl ``sparse_utils.get_sparsities_erdos_renyi``: the target is
@@ -175,20 +198,24 @@ def _erdos_renyi(layers: Mapping[str, LayerInfo], sparsity: float, raw: Mapping[
     return {name: 1.0 if name in dense else min(1.0, eps * raw[name]) for name in layers}
 
 
-def erk_densities(layers: Mapping[str, LayerInfo], sparsity: float, power_scale: float = 1.0) -> dict[str, float]:
+def erk_densities(layers: Mapping[str, Any], sparsity: float, power_scale: float = 1.0) -> dict[str, float]:
     """Erdős–Rényi-Kernel densities as in RigL: density_l ∝ (Σ shape / Π shape) ** power_scale.
 
-    For a 2-D weight the score is (n_in + n_out) / (n_in · n_out); for a conv kernel it includes
-    the kernel dims. ``power_scale < 1`` flattens the distribution towards uniform (0 = uniform).
+    Per logical layer: GPT-2's ``c_attn`` (96×288) is priced as three 96×96 layers. For a 2-D
+    weight the score is (n_in + n_out) / (n_in · n_out); for a conv kernel it includes the
+    kernel dims. ``power_scale < 1`` flattens the distribution towards uniform (0 = uniform).
     """
-    raw = {name: (sum(info.shape) / math.prod(info.shape)) ** power_scale for name, info in layers.items()}
-    return _erdos_renyi(layers, sparsity, raw)
+    logical = _logical(layers)
+    raw = {name: (sum(lay.shape) / math.prod(lay.shape)) ** power_scale for name, lay in logical.items()}
+    return _erdos_renyi(logical, sparsity, raw)
 
 
-def er_densities(layers: Mapping[str, LayerInfo], sparsity: float) -> dict[str, float]:
-    """Erdős–Rényi densities (SET): density_l ∝ (fan_in + fan_out) / (fan_in · fan_out), capped at 1."""
-    raw = {name: (info.fan_in + info.fan_out) / (info.fan_in * info.fan_out) for name, info in layers.items()}
-    return _erdos_renyi(layers, sparsity, raw)
+def er_densities(layers: Mapping[str, Any], sparsity: float) -> dict[str, float]:
+    """Erdős–Rényi densities (SET): density_l ∝ (fan_in + fan_out) / (fan_in · fan_out), capped at 1,
+    per logical layer."""
+    logical = _logical(layers)
+    raw = {name: (lay.fan_in + lay.fan_out) / (lay.fan_in * lay.fan_out) for name, lay in logical.items()}
+    return _erdos_renyi(logical, sparsity, raw)
 
 
 #: the names :func:`layer_densities` accepts (a method's ``distribution`` option)
@@ -196,9 +223,9 @@ DISTRIBUTION_NAMES = ("uniform", "erk", "er")
 
 
 def layer_densities(
-    distribution: str, layers: Mapping[str, LayerInfo], sparsity: float, power_scale: float = 1.0
+    distribution: str, layers: Mapping[str, Any], sparsity: float, power_scale: float = 1.0
 ) -> dict[str, float]:
-    """Per-layer densities of a distribution named in :data:`DISTRIBUTION_NAMES`.
+    """Per-logical-layer densities of a distribution named in :data:`DISTRIBUTION_NAMES`.
 
     ``power_scale`` is RigL's ``erk_power_scale`` and only applies to ``erk``.
 
@@ -220,27 +247,42 @@ def layer_densities(
 def random_masks(
     layers: Mapping[str, LayerInfo], densities: Mapping[str, float], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """A bool mask per layer with exactly ``round(density · numel)`` active entries.
+    """A bool mask per weight with exactly ``round(density · numel)`` active entries per logical layer.
 
-    Positions are a uniform random subset drawn with ``torch.randperm`` from ``generator``
-    (drawn on the generator's device, so a CPU generator gives the same masks on any device);
-    the mask lives on the parameter's device. Dense layers consume no random numbers.
+    ``densities`` is keyed by logical name (a fused part may also fall back to its parameter's
+    name). Positions are a uniform random subset drawn with ``torch.randperm`` from
+    ``generator`` (drawn on the generator's device, so a CPU generator gives the same masks on
+    any device); the mask lives on the parameter's device. Dense layers consume no random numbers.
     """
     masks = {}
     for name, info in layers.items():
-        density = float(densities[name])
-        if not 0.0 <= density <= 1.0:
-            raise MaskError(f"density of {name} must be in [0, 1], got {density}")
-        n = info.numel
-        k = round(density * n)
-        if k == n:
-            mask = torch.ones(n, dtype=torch.bool, device=info.param.device)
-        else:
-            flat = torch.zeros(n, dtype=torch.bool, device=generator.device)
-            flat[torch.randperm(n, generator=generator, device=generator.device)[:k]] = True
-            mask = flat.to(info.param.device)
-        masks[name] = mask.view(info.shape)
+        parts = parts_of(info)
+        if len(parts) == 1 and parts[0].is_whole:
+            masks[name] = _random_part(parts[0], _density(densities, parts[0]), generator).to(info.param.device)
+            continue
+        mask = torch.zeros(info.shape, dtype=torch.bool)
+        for part in parts:
+            part.put(mask, _random_part(part, _density(densities, part), generator))
+        masks[name] = mask.to(info.param.device)
     return masks
+
+
+def _density(densities: Mapping[str, float], layer: LogicalLayer) -> float:
+    density = densities[layer.name] if layer.name in densities else densities[layer.parent]
+    density = float(density)
+    if not 0.0 <= density <= 1.0:
+        raise MaskError(f"density of {layer.name} must be in [0, 1], got {density}")
+    return density
+
+
+def _random_part(layer: LogicalLayer, density: float, generator: torch.Generator) -> torch.Tensor:
+    n = layer.numel
+    k = round(density * n)
+    if k == n:
+        return torch.ones(layer.shape, dtype=torch.bool)
+    flat = torch.zeros(n, dtype=torch.bool, device=generator.device)
+    flat[torch.randperm(n, generator=generator, device=generator.device)[:k]] = True
+    return flat.cpu().view(layer.shape)
 
 
 def random_start(run: Any, distribution: str, power_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -265,34 +307,49 @@ def mask_stats(
     initial: Optional[Mapping[str, torch.Tensor]],
     layers: Mapping[str, LayerInfo],
 ) -> dict[str, Any]:
-    """Figures for logs and ``summary.json``.
+    """Figures for logs and ``summary.json``, per logical layer.
 
     Keys: ``sparsity_actual`` (zeros / all sparsifiable weights), ``n_active``, ``n_total``,
-    ``layer_density`` (name -> density), ``turnover`` (fraction of the currently active positions
-    that were not active in ``initial``; ``None`` without it), ``dead_rows`` / ``dead_cols``
-    (output units with no incoming / input units with no outgoing active weight, summed over
-    layers) and their per-layer counts ``dead_rows_by_layer`` / ``dead_cols_by_layer``.
-    All counts are gathered into one tensor so a GPU run synchronises once.
+    ``layer_density`` (logical name -> density), ``turnover`` (fraction of the currently active
+    positions that were not active in ``initial``; ``None`` without it), ``dead_rows`` /
+    ``dead_cols`` (output units with no incoming / input units with no outgoing active weight,
+    summed over logical layers: an input unit dead for ``c_attn[q]`` counts there even if it
+    feeds ``[k]``) and per logical layer ``dead_rows_by_layer`` / ``dead_cols_by_layer`` /
+    ``rows_by_layer`` / ``cols_by_layer`` (the unit counts). All counts are gathered into one
+    tensor so a GPU run synchronises once.
     """
-    names = list(masks)
-    rows = []
-    for name in names:
-        m = masks[name]
-        out_dim, in_dim = row_col_dims(layers[name])
-        new = (m & ~initial[name]).sum() if initial is not None else m.new_zeros((), dtype=torch.long)
-        rows.append(torch.stack([m.sum(), new, _dead_units(m, out_dim), _dead_units(m, in_dim)]))
+    names, sizes, rows = [], {}, []
+    for name, m in masks.items():
+        new_all = m & ~initial[name] if initial is not None else None
+        for part in parts_of(layers[name]):
+            pm = part.view(m)
+            out_dim, in_dim = part.out_dim, part.in_dim
+            new = part.view(new_all).sum() if new_all is not None else pm.new_zeros((), dtype=torch.long)
+            rows.append(torch.stack([pm.sum(), new, _dead_units(pm, out_dim), _dead_units(pm, in_dim)]))
+            names.append(part.name)
+            sizes[part.name] = (part.numel, part.shape[out_dim], part.shape[in_dim])
     counts = torch.stack(rows).cpu().tolist() if rows else []
     by_name = dict(zip(names, counts))
-    n_total = sum(masks[n].numel() for n in names)
+    n_total = sum(m.numel() for m in masks.values())
     n_active = sum(c[0] for c in counts)
     return {
         "sparsity_actual": 1.0 - n_active / n_total if n_total else 0.0,
         "n_active": n_active,
         "n_total": n_total,
-        "layer_density": {n: by_name[n][0] / masks[n].numel() for n in names},
+        "layer_density": {n: by_name[n][0] / sizes[n][0] for n in names},
         "turnover": (sum(c[1] for c in counts) / n_active if n_active else 0.0) if initial is not None else None,
         "dead_rows": sum(c[2] for c in counts),
         "dead_cols": sum(c[3] for c in counts),
         "dead_rows_by_layer": {n: by_name[n][2] for n in names},
         "dead_cols_by_layer": {n: by_name[n][3] for n in names},
+        "rows_by_layer": {n: sizes[n][1] for n in names},
+        "cols_by_layer": {n: sizes[n][2] for n in names},
     }
+
+
+def parameter_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Parameter name -> density of the whole tensor (what FLOPs are priced with: a fused weight
+    is one matmul)."""
+    names = list(masks)
+    counts = torch.stack([masks[n].sum() for n in names]).cpu().tolist() if names else []
+    return {n: c / masks[n].numel() for n, c in zip(names, counts)}

@@ -27,7 +27,10 @@ class Method:
     """Base class of a sparse-training method (or of any plugin on a run's manager).
 
     The harness makes one instance per run, ``cls(cls.Config(**options))``, and registers it on
-    that run's plugin manager under ``name``; hooks may keep state on ``self`` freely.
+    that run's plugin manager under ``name``; hooks may keep state on ``self`` freely. Every
+    ``@hookimpl`` must name a hook specification (the core ones, or one in a ``hookspecs`` of
+    this or another registered method): a method with an unknown hook (``init_masks``) is
+    marked BROKEN by ``sparsebench methods`` and every suite that uses it is refused.
     """
 
     #: The key used in suites (``methods: [my_method]``) and the plugin's name on the run's

@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from sparsebench.errors import PluginError
 # The per-run manager moved to sparsebench.hooks; these names stay importable from here.
 from sparsebench.hooks import TRACE_ENV, Hooks, HookTimer, make_plugin_manager  # noqa: F401
+from sparsebench.hooks import CORE_HOOKS, spec_names, unknown_hook_message, unknown_hooks
 from sparsebench.methods import check_method_class
 
 ENTRY_POINT_GROUP = "sparsebench"
@@ -43,10 +44,37 @@ class Registry:
         self.entries[cls.name] = MethodEntry(cls, package)
 
     def get(self, name: str) -> type:
+        """The class of method ``name``.
+
+        Raises:
+            PluginError: no such method (with a did-you-mean), or the method is broken (a hook
+                implementation no specification declares: see :meth:`problem`), so that no
+                suite that uses it validates or trains.
+        """
         try:
-            return self.entries[name].cls
+            entry = self.entries[name]
         except KeyError:
             raise PluginError(unknown_name_message("method", name, self.names())) from None
+        problem = self.problem(name)
+        if problem:
+            raise PluginError(problem)
+        return entry.cls
+
+    def unknown_hooks(self, name: str) -> list[tuple[str, Optional[str]]]:
+        """``(hook, closest known hook)`` for every ``@hookimpl`` of method ``name`` whose name is no
+        hook specification — the core ones, or a ``hookspecs`` of any registered method (a
+        method may implement a hook that a plugin it runs with declares)."""
+        known = set(CORE_HOOKS)
+        for entry in self.entries.values():
+            known |= spec_names(getattr(entry.cls, "hookspecs", None))
+        return unknown_hooks(self.entries[name].cls, known)
+
+    def problem(self, name: str) -> Optional[str]:
+        """Why method ``name`` cannot run, in one line, or ``None`` if it can."""
+        unknown = self.unknown_hooks(name)
+        if not unknown:
+            return None
+        return unknown_hook_message(f"method '{name}' ({self.entries[name].package})", unknown)
 
     def names(self) -> list[str]:
         return sorted(self.entries)

@@ -145,6 +145,7 @@ def summaries_frame(summaries: Iterable[dict]) -> pd.DataFrame:
         row["entropy_floor_ppl"] = s.get("entropy_floor_ppl")
         row["sparsity_model"] = s.get("sparsity_model")
         row["method_config"] = json.dumps(s.get("method_config", {}), sort_keys=True)
+        row["warnings"] = len(s.get("warnings") or [])
         row.update({key: flats[id(s)].get(key) for key in swept})
         row.update({key: (s.get("downstream") or {}).get(key) for key in downstream_columns(summaries)})
         rows.append(row)

@@ -160,6 +160,7 @@ def numeric_table(
             values = [v for v in values if v is not None and math.isfinite(v)]
             row[f"{key}_mean"] = sum(values) / len(values) if values else math.nan
             row[f"{key}_std"] = pd.Series(values, dtype=float).std(ddof=1) if len(values) > 1 else math.nan
+        row["warnings"] = sum(len(r.get("warnings") or []) for r in ok)  # summary.json's collapsed layers etc.
         failed = [r for r in runs if r.get("status") != "ok"]
         row["n_failed"] = len(failed)
         row["status"] = "ok" if not failed else "failed"
@@ -207,7 +208,7 @@ def display_table(numeric: pd.DataFrame) -> pd.DataFrame:
     """The human table: ``mean ± std`` strings, a ``seeds`` count and a status column."""
     if numeric.empty:
         return pd.DataFrame(columns=["method", "sparsity", "model", "seeds", "status"])
-    ident = [c for c in numeric.columns if c not in ("n_seeds", "seeds", "n_failed", "status", "error")
+    ident = [c for c in numeric.columns if c not in ("n_seeds", "seeds", "n_failed", "status", "error", "warnings")
              and not c.endswith(("_mean", "_std"))]
     out = numeric[ident].astype(object).map(lambda v: f"{v:g}" if isinstance(v, float) else v)
     out["sparsity"] = [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in numeric["sparsity"]]
@@ -218,6 +219,7 @@ def display_table(numeric: pd.DataFrame) -> pd.DataFrame:
         "ok" if n == 0 else f"FAILED ({n}/{total}): {err}"
         for n, total, err in zip(numeric["n_failed"], numeric["n_seeds"], numeric["error"])
     ]
+    out["warnings"] = [f"⚠ {n}" if n else "" for n in numeric["warnings"]]  # see each run's summary.json
     return out.fillna("—").reset_index(drop=True)
 
 
@@ -299,7 +301,7 @@ def pivot_table(numeric: pd.DataFrame, metric: str = "val_ppl") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-_NON_SWEPT = {"method", "sparsity", "model", "n_seeds", "seeds", "n_failed", "status", "error"}
+_NON_SWEPT = {"method", "sparsity", "model", "n_seeds", "seeds", "n_failed", "status", "error", "warnings"}
 
 
 def render_pivot(pivot: pd.DataFrame, fmt: str = ".2f") -> str:

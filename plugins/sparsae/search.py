@@ -40,7 +40,8 @@ from sparsebench.api import PluginError, autocast_context, cross_entropy, perple
 from sparsebench_plugins.sparsae.adapt import adapt_candidate
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow
-from sparsebench_plugins.sparsae.swaps import Candidate, apply_swaps, count_bounds, revert_swaps, sample_mutant
+from sparsebench_plugins.sparsae.swaps import (Candidate, apply_swaps, count_bounds, logical_masks, revert_swaps,
+                                               sample_mutant, to_parameters)
 from sparsebench_plugins.sparsae.triggers import AdaptiveBounds, Stagnation
 
 
@@ -48,6 +49,11 @@ def active_counts(masks: dict) -> dict[str, int]:
     """Active connections per layer (one device sync for all layers)."""
     names = list(masks)
     return dict(zip(names, torch.stack([masks[n].sum() for n in names]).tolist()))
+
+
+def layer_counts(run, masks: dict) -> dict[str, int]:
+    """Active connections per logical layer (GPT-2's c_attn counts as its q, k and v)."""
+    return active_counts(logical_masks(run.logical_layers, masks))
 
 
 class SearchConfig(BaseModel):
@@ -134,7 +140,7 @@ class MaskSearch(Method):
         if len(run.heldout) < 2:
             raise PluginError("sparsae: training.heldout_batches must be >= 2 (the stagnation check keeps batches for "
                               f"its {c.stagnation_rows} rows, at least one is left to score candidates)")
-        numel = {n: p.numel() for n, p in run.sparsifiable.items()}
+        numel = {n: layer.numel for n, layer in run.logical_layers.items()}  # bounds per logical layer
         self.bounds = AdaptiveBounds({n: c.max_layer_sparsity for n in numel}, numel, run.sparsity, c.grad_floor,
                                      c.grad_floor_patience, c.bound_step, c.bound_cap)
         if self._pending_bounds is not None:  # state loaded before the run was configured
@@ -194,11 +200,15 @@ class MaskSearch(Method):
         boosted = self.stagnation.take_boost()
         p_reset = 0.0 if not c.global_reset else (c.boosted_p_global_reset if boosted else c.p_global_reset)
 
-        counts = active_counts(masks)
+        parts = run.logical_layers  # counts, bounds and swaps per logical layer (c_attn's q, k, v apart)
+        counts = layer_counts(run, masks)
         candidates = self.draw_candidates(run, masks, counts, p_reset)
         evaluations = [self.evaluate(run, masks, counts, cand, search_batch, adapt_batch) for cand in candidates]
         tokens = search_batch["input_ids"].numel()
-        densities = {n: counts[n] / masks[n].numel() for n in masks}
+        param_counts = {n: 0 for n in masks}
+        for name, layer in parts.items():
+            param_counts[layer.parent] += counts[name]
+        densities = {n: param_counts[n] / masks[n].numel() for n in masks}
         adapt_tokens = c.candidate_adapt_steps * adapt_batch["input_ids"].numel()
         run.ledger.charge("sparsae_search", run.ledger.forward_cost(ppl_batch["input_ids"].numel(), densities)
                           + len(candidates) * 3 * run.ledger.forward_cost(tokens + adapt_tokens, densities))
@@ -227,8 +237,10 @@ class MaskSearch(Method):
         return self._adopt(run, masks, candidates[winner])
 
     def draw_candidates(self, run, masks: dict, counts: dict, p_reset: float) -> list[Candidate]:
-        """M plus λ mutants (each a global reset with probability ``p_reset``)."""
+        """M plus λ mutants (each a global reset with probability ``p_reset``); ``counts`` per
+        logical layer (:func:`layer_counts`), swaps drawn per logical layer."""
         c = self.config
+        masks = logical_masks(run.logical_layers, masks)
         total = sum(counts.values())
         bounds = {n: count_bounds(masks[n].numel(), c.min_layer_sparsity, self.bounds.max_sparsity[n]) for n in masks}
         init = self._init_values(run)
@@ -239,6 +251,7 @@ class MaskSearch(Method):
             n_swaps = max(1, round(fraction * total))
             mutant, resampled = sample_mutant("reset" if is_reset else "mutant", masks, counts, bounds, n_swaps,
                                               run.generator, init)
+            mutant = to_parameters(mutant, run.logical_layers)
             self.counters["resampled"] += resampled
             self.counters["dropped"] += mutant.dropped
             candidates.append(mutant)
@@ -252,7 +265,8 @@ class MaskSearch(Method):
         regrow = self._regrow(run) if self.config.candidate_init == "regrow" else None
         if regrow is None:
             return lambda name, n: torch.zeros(n)
-        return lambda name, n: regrow.draw(run, name, n)
+        parts = run.logical_layers
+        return lambda name, n: regrow.draw(run, parts[name].parent, n)
 
     @torch.no_grad()
     def heldout_ppl(self, run, batch) -> float:
@@ -297,22 +311,23 @@ class MaskSearch(Method):
                     for name, value in zip(names, snapshot):
                         params[name].copy_(value)
             run.model.train(was_training)
+        squares = {n: (g if g is not None else torch.zeros_like(params[n])).float().square()
+                   for n, g in zip(names, grads)}
+        parts = run.logical_layers  # per logical layer: c_attn's q, k and v are three layers
+        names = list(parts)
         rows = []
-        for name, g in zip(names, grads):
-            if g is None:
-                g = torch.zeros_like(params[name])
-            sq = g.float().square()
-            active = sq[masks[name]].sum()
-            swaps = candidate.layers.get(name)
+        for name, layer in parts.items():
+            sq = layer.view(squares[layer.parent]).reshape(-1)
+            active = sq[layer.view(masks[layer.parent]).reshape(-1)].sum()
+            swaps = (candidate.parts or candidate.layers).get(name)
             if swaps is not None:
-                flat = sq.view(-1)
-                active = active - flat[swaps.off].sum() + flat[swaps.on].sum()
+                active = active - sq[swaps.off].sum() + sq[swaps.on].sum()
             rows.append(torch.stack([sq.sum(), active]))
         values = torch.cat([ce.detach().float().view(1), torch.stack(rows).view(-1)]).tolist()  # one sync
         ce_value, per_layer = values[0], values[1:]
         totals, active_sq = per_layer[0::2], per_layer[1::2]
         after = candidate.active_counts(counts)
-        layer_sparsity = {n: 1.0 - after[n] / params[n].numel() for n in names}
+        layer_sparsity = {n: 1.0 - after[n] / parts[n].numel for n in names}
         layer_grad = {n: layer_grad_term(a, after[n]) for n, a in zip(names, active_sq)}
         reject = None
         if not math.isfinite(ce_value):

@@ -29,6 +29,9 @@ class Candidate:
     kind: str
     layers: dict[str, LayerSwaps] = field(default_factory=dict)
     dropped: int = 0  # swaps that could be placed nowhere within the bounds (see sample_layer_counts)
+    #: the same swaps per logical layer (flat indices into the layer's view), when ``layers`` is
+    #: keyed by parameter (see :func:`to_parameters`); empty when the two coincide
+    parts: dict[str, LayerSwaps] = field(default_factory=dict)
 
     @property
     def n_swaps(self) -> int:
@@ -39,8 +42,9 @@ class Candidate:
         return sum(t.numel() * t.element_size() for s in self.layers.values() for t in (s.off, s.on, s.init))
 
     def active_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """``counts`` (per logical layer) after this candidate's swaps."""
         out = dict(counts)
-        for name, s in self.layers.items():
+        for name, s in (self.parts or self.layers).items():
             out[name] += int(s.on.numel()) - int(s.off.numel())
         return out
 
@@ -192,6 +196,35 @@ def sample_mutant(
         init = init_values(name, n_on[i]).to(device=flat.device, dtype=torch.float32)
         candidate.layers[name] = LayerSwaps(off, on, init)
     return candidate, resampled
+
+
+def logical_masks(parts: Mapping[str, object], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each logical layer's mask (``parts``: ``run.logical_layers``), flattened; a view for a whole
+    parameter, a contiguous copy of a fused weight's part."""
+    return {name: layer.view(masks[layer.parent]).reshape(-1) for name, layer in parts.items()}
+
+
+def to_parameters(candidate: Candidate, parts: Mapping[str, object]) -> Candidate:
+    """The candidate with its swaps keyed by parameter (flat indices into the parameter) for
+    apply/revert/new masks; the per-logical-layer swaps stay in ``parts``. Identity when every
+    logical layer is a whole parameter."""
+    if all(parts[name].is_whole for name in candidate.layers):
+        return candidate
+    merged: dict[str, list[LayerSwaps]] = {}
+    for name, s in candidate.layers.items():
+        layer = parts[name]
+        if layer.is_whole:
+            merged.setdefault(layer.parent, []).append(s)
+            continue
+        index = layer.flat_index().to(s.off.device)
+        merged.setdefault(layer.parent, []).append(LayerSwaps(index[s.off], index[s.on], s.init))
+    layers = {}
+    for parent, items in merged.items():
+        off, on = torch.cat([i.off for i in items]), torch.cat([i.on for i in items])
+        init = torch.cat([i.init for i in items])
+        order = on.argsort()
+        layers[parent] = LayerSwaps(off.sort().values, on[order], init[order])
+    return Candidate(candidate.kind, layers, candidate.dropped, parts=dict(candidate.layers))
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ on a CPU — and checks:
 * the ``Config`` defaults are valid, survive a JSON round trip and every option is documented;
 * the initial masks are at the target density (within ``density_tolerance``), or the method
   starts dense and declares ``changes_density = True``;
-* every mask change keeps names, shapes and bool dtype, keeps each layer's active count unless
-  the class declares ``changes_density``, and leaves the ``masks`` argument unmodified;
+* every mask change keeps names, shapes and bool dtype, keeps each logical layer's active count
+  (the kit's GPT-2 has fused ``c_attn`` weights: q, k and v are counted apart) unless the class
+  declares ``changes_density``, and leaves the ``masks`` argument unmodified;
 * the final density equals the target (within tolerance);
 * ``state_dict()`` survives ``torch.save``/``torch.load(weights_only=True)`` and
   ``load_state_dict`` into a fresh instance reproduces it;

@@ -71,7 +71,8 @@ def check_initial_masks(record: KitRecord, method_cls: type, sparsity: float, to
 
 def check_updates(record: KitRecord, method_cls: type) -> int:
     """Every mask change kept shapes and dtype, did not edit the current masks in place and
-    (unless ``changes_density``) kept each layer's active count. Returns the number of changes."""
+    (unless ``changes_density``) kept each **logical** layer's active count — GPT-2's fused
+    ``c_attn`` must keep the count of its q, k and v parts separately. Returns the number of changes."""
     _require_run(record)
     keeps_counts = not getattr(method_cls, "changes_density", False)
     for change in record.changes:
@@ -80,7 +81,7 @@ def check_updates(record: KitRecord, method_cls: type) -> int:
             moved = {n: (change.old_counts[n], c) for n, c in change.new_counts.items()
                      if n in change.old_counts and change.old_counts[n] != c}
             assert not moved, (
-                f"step {change.step}: active counts changed (layer: before → after) "
+                f"step {change.step}: active counts changed (logical layer: before → after) "
                 + ", ".join(f"{n}: {a} → {b}" for n, (a, b) in moved.items())
             )
     return len(record.changes)

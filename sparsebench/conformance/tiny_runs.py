@@ -114,7 +114,7 @@ class Change:
     """One applied mask change, as the recorder saw it."""
 
     step: int
-    old_counts: dict[str, int]
+    old_counts: dict[str, int]  # per logical layer, of the parameters the change touched
     new_counts: dict[str, int]
     problems: list[str]
 
@@ -177,10 +177,19 @@ class _Recorder:
                 problems.append(f"'{name}': update_mask modified the current mask in place")
         self.record.changes.append(Change(
             step=step,
-            old_counts={n: int(self.before[n].sum()) for n in new if n in self.before},
-            new_counts={n: int(m.sum()) for n, m in new.items()},
+            old_counts=_logical_counts(run, {n: self.before[n] for n in new if n in self.before}),
+            new_counts=_logical_counts(run, {n: m for n, m in new.items() if n in params}),
             problems=problems,
         ))
+
+
+def _logical_counts(run, masks: dict) -> dict[str, int]:
+    """Active count per logical layer (GPT-2's ``c_attn`` counts as its [q], [k] and [v])."""
+    from sparsebench.logical_layers import parts_of
+
+    return {part.name: int(part.view(mask).sum()) for name, mask in masks.items()
+            if tuple(mask.shape) == tuple(run.sparsifiable[name].shape)
+            for part in parts_of(run.layers[name])}
 
 
 def _tensor_equal(a, b) -> bool:

@@ -46,7 +46,9 @@ def test_run_writes_the_contracts_results_files_and_keys(finished_suite):
         assert set(SUMMARY_KEYS) <= set(summary)
         assert summary["status"] == "ok" and summary["error"] is None
         masks = torch.load(run_dir / "masks.pt", weights_only=True)
-        assert set(masks) == set(summary["layer_density"])
+        # layer_density is per logical layer: GPT-2's c_attn appears as [q], [k] and [v]
+        assert set(masks) == {name.split("[")[0] for name in summary["layer_density"]}
+        assert all(masks[n].shape == (32, 96) for n in masks if n.endswith("c_attn.weight"))
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["run_id"] == run_dir.name == summary["run_id"]
     assert (suite_dir / "summary.csv").is_file() and (suite_dir / "table.md").is_file()

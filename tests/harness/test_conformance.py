@@ -21,6 +21,7 @@ from sparsebench.conformance import (
     check_updates,
     run_kit,
 )
+from sparsebench.api import map_layers
 from sparsebench.masks import random_masks, uniform_densities
 from sparsebench.methods import Method
 from sparsebench_plugins.dense import Dense
@@ -95,7 +96,8 @@ class SwapConfig(BaseModel):
 
 
 class RandomSwap(Method):
-    """A test plugin written as a third party would: swaps one random weight per layer."""
+    """A test plugin written as a third party would: swaps one random weight per logical layer
+    (``map_layers`` hands it each third of GPT-2's fused c_attn on its own)."""
 
     name = "random-swap"
     Config = SwapConfig
@@ -112,15 +114,15 @@ class RandomSwap(Method):
     def update_mask(self, run, step, masks):
         if step % self.config.every:
             return None
-        new = {}
-        for name, mask in masks.items():
-            flat = mask.clone().view(-1)
+        def swap_one(layer, mask):
+            flat = mask.clone().reshape(-1)
             on, off = torch.nonzero(flat).view(-1), torch.nonzero(~flat).view(-1)
             flat[on[torch.randint(len(on), (1,), generator=run.generator)]] = False
             flat[off[torch.randint(len(off), (1,), generator=run.generator)]] = True
-            new[name] = flat.view_as(mask)
+            return flat.view(layer.shape)
+
         self.swaps += 1
-        return new
+        return map_layers(masks, swap_one, run.layers)
 
     def state_dict(self):
         return {"swaps": self.swaps}
@@ -151,6 +153,28 @@ class Miscounting(RandomSwap):
         flat = mask.clone().view(-1)
         flat[torch.nonzero(flat)[0]] = False
         return {name: flat.view_as(mask)}
+
+
+class QueryToValue(RandomSwap):
+    """Moves one active weight of every fused c_attn from its query third to its value third:
+    the parameter's count is unchanged, the logical layers' counts are not."""
+
+    name = "query-to-value"
+
+    @hookimpl
+    def update_mask(self, run, step, masks):
+        if step != 3:
+            return None
+        new = {}
+        for name, mask in masks.items():
+            if name.endswith("attn.c_attn.weight"):
+                m, third = mask.clone(), mask.shape[1] // 3  # Conv1D (in, out): q | k | v on axis 1
+                row, col = map(int, torch.nonzero(m[:, :third])[0])
+                m[row, col] = False
+                row, col = map(int, torch.nonzero(~m[:, 2 * third:])[0])
+                m[row, 2 * third + col] = True
+                new[name] = m
+        return new
 
 
 class InPlace(RandomSwap):
@@ -212,6 +236,13 @@ def test_kit_reports_a_count_change_without_changes_density():
     record = run_kit(Miscounting, steps=4)
     with pytest.raises(AssertionError, match="changed the active count"):
         check_updates(record, Miscounting)
+
+
+def test_kit_checks_counts_per_logical_layer_of_a_fused_weight():
+    record = run_kit(QueryToValue, steps=4)
+    assert record.error is None and record.changes
+    with pytest.raises(AssertionError, match=r"c_attn.weight\[q\]: \d+ → \d+.*c_attn.weight\[v\]"):
+        check_updates(record, QueryToValue)
 
 
 def test_kit_reports_masks_modified_in_place():

@@ -20,6 +20,7 @@ from sparsebench.masks import (
     sparsifiable_layers,
     uniform_densities,
 )
+from sparsebench.logical_layers import logical_layers
 from sparsebench.models import build_model
 
 TINY_GPT = {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 16}
@@ -159,11 +160,12 @@ def test_uniform_gives_every_layer_the_same_density():
 @pytest.mark.parametrize("distribution", [uniform_densities, erk_densities, er_densities])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 def test_distributions_keep_the_total_number_of_active_weights(gpt, distribution, sparsity):
-    layers = sparsifiable_layers(gpt)
-    d = distribution(layers, sparsity)
-    total = sum(info.numel for info in layers.values())
+    layers = logical_layers(sparsifiable_layers(gpt))  # GPT-2's c_attn counts as three
+    d = distribution(sparsifiable_layers(gpt), sparsity)
+    total = sum(layer.numel for layer in layers.values())
+    assert set(d) == set(layers)
     assert all(0.0 < x <= 1.0 for x in d.values())
-    assert sum(d[n] * info.numel for n, info in layers.items()) == pytest.approx((1 - sparsity) * total, abs=len(layers))
+    assert sum(d[n] * layer.numel for n, layer in layers.items()) == pytest.approx((1 - sparsity) * total, abs=len(layers))
 
 
 @pytest.mark.parametrize("name, function", [("uniform", uniform_densities), ("erk", erk_densities), ("er", er_densities)])
@@ -199,7 +201,8 @@ def test_random_masks_have_exactly_the_rounded_count(gpt):
     for name, info in layers.items():
         assert masks[name].dtype == torch.bool and masks[name].shape == info.param.shape
         assert masks[name].device == info.param.device
-        assert int(masks[name].sum()) == round(densities[name] * info.numel)
+    for name, layer in logical_layers(layers).items():  # exact per logical layer: c_attn's q, k, v each
+        assert int(layer.mask(masks).sum()) == round(densities[name] * layer.numel)
 
 
 def test_random_masks_are_reproducible_from_the_generator(gpt):

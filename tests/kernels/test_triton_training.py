@@ -21,7 +21,10 @@ def _static_run(write_suite, device, kernels, grad_clip):
 
 
 # With clipping the engine masks the gradients before the step (the norm needs them masked);
-# without, only the kernel masks them.
+# without, only the kernel masks them. TOLERANCE is one step's; four steps feed each step's
+# ulp-level differences back through forward and backward, so the trained weights and moments are
+# compared at ten times its absolute tolerance (an Adam update near a zero gradient amplifies them).
+TRAINED = {"rtol": TOLERANCE[torch.float32]["rtol"], "atol": 10 * TOLERANCE[torch.float32]["atol"]}
 @pytest.mark.parametrize("grad_clip", [1.0, None])
 def test_the_triton_path_trains_the_weights_the_torch_path_trains_within_the_kernels_tolerance(
         write_suite, device, grad_clip):
@@ -30,7 +33,7 @@ def test_the_triton_path_trains_the_weights_the_torch_path_trains_within_the_ker
     assert torch_setup.kernels == "torch" and triton_setup.kernels == "triton"
     torch_params = dict(torch_result.run.model.named_parameters())
     for name, p in triton_result.run.model.named_parameters():  # sparse and dense weights alike
-        torch.testing.assert_close(p.detach(), torch_params[name].detach(), **TOLERANCE[torch.float32])
+        torch.testing.assert_close(p.detach(), torch_params[name].detach(), **TRAINED)
     for name, p in triton_result.run.sparsifiable.items():
         mask = triton_result.run.masks[name]
         assert torch.equal(mask, torch_result.run.masks[name])
@@ -40,5 +43,5 @@ def test_the_triton_path_trains_the_weights_the_torch_path_trains_within_the_ker
         state = triton_result.run.optimizer.state[p]  # AdamW's own state, stepped by the kernel
         assert float(state["step"]) == float(torch_state[torch_p]["step"]) == 4
         for moment in ("exp_avg", "exp_avg_sq"):  # pruned positions' moments stay exactly 0 on both paths
-            torch.testing.assert_close(state[moment], torch_state[torch_p][moment], **TOLERANCE[torch.float32])
+            torch.testing.assert_close(state[moment], torch_state[torch_p][moment], **TRAINED)
     assert triton_result.val_loss == pytest.approx(torch_result.val_loss, rel=1e-5)

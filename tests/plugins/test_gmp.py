@@ -76,9 +76,9 @@ def test_density_after_every_pruning_step_is_the_schedule_up_to_rounding(scope):
     for step in schedule.steps:
         s_t = zhu_gupta(step, 0.3, 0.8, 2, 6, 2)
         masks = probe.after[step]
-        if scope == "layer":
-            for name, m in masks.items():
-                assert int(m.sum()) == round((1 - s_t) * m.numel()), (step, name)
+        if scope == "layer":  # per logical layer: each third of a fused c_attn on its own
+            for name, layer in setup.run.logical_layers.items():
+                assert int(layer.mask(masks).sum()) == round((1 - s_t) * layer.numel), (step, name)
         else:
             total = sum(m.numel() for m in masks.values())
             assert sum(int(m.sum()) for m in masks.values()) == round((1 - s_t) * total), step
@@ -87,10 +87,10 @@ def test_density_after_every_pruning_step_is_the_schedule_up_to_rounding(scope):
 def test_each_pruning_step_removes_the_smallest_magnitudes_and_never_regrows():
     setup, probe = _run("layer")
     for step in setup.run.plugins["gmp"].schedule.steps:
-        for name, before in probe.masks_before[step].items():
-            after = probe.after[step][name]
+        for layer in setup.run.logical_layers.values():  # ranked within each logical layer
+            before, after = layer.mask(probe.masks_before[step]), layer.mask(probe.after[step])
             assert not bool((after & ~before).any()), "a pruned weight came back"
-            w = probe.weights[step][name].abs()
+            w = layer.view(probe.weights[step][layer.parent]).abs()
             pruned_now = before & ~after
             if pruned_now.any():
                 assert float(w[pruned_now].max()) <= float(w[after].min())

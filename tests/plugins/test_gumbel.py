@@ -142,8 +142,8 @@ def test_learning_keeps_weights_then_fixes_the_top_scores_at_exactly_the_target(
 
 def test_layer_scope_fixes_each_layer_at_the_target():
     setup, probe = _run(scope="layer")
-    for name, m in probe.masks[12].items():
-        assert int(m.sum()) == round(0.2 * m.numel())
+    for layer in setup.run.logical_layers.values():  # c_attn's q, k and v each at the target
+        assert int(layer.mask(probe.masks[12]).sum()) == round(0.2 * layer.numel)
 
 
 def test_learning_phase_is_charged_dense_plus_the_sampling_and_the_scores_memory_is_reported():

@@ -60,13 +60,16 @@ def test_global_scope_equals_torch_global_unstructured_l1_on_the_same_weights():
     assert sum(int(m.sum()) for m in run.masks.values()) == total - n_prune
 
 
-def test_layer_scope_equals_torch_l1_unstructured_per_layer():
+def test_layer_scope_equals_torch_l1_unstructured_per_logical_layer():
     run, probe, _ = _trained("layer")
-    for name, module in _holders(probe.weights).items():
+    layers = run.logical_layers  # GPT-2's c_attn: q, k and v pruned as three layers
+    assert any(name.endswith("c_attn.weight[k]") for name in layers)
+    parts = {name: layer.view(probe.weights[layer.parent]) for name, layer in layers.items()}
+    for name, module in _holders(parts).items():
         n = module.weight.numel()
         prune.l1_unstructured(module, "weight", amount=n - round(0.2 * n))
-        assert torch.equal(run.masks[name], module.weight_mask.bool()), name
-        assert int(run.masks[name].sum()) == round(0.2 * n)
+        assert torch.equal(layers[name].mask(run.masks), module.weight_mask.bool()), name
+        assert int(layers[name].mask(run.masks).sum()) == round(0.2 * n)
 
 
 @pytest.mark.parametrize("prune_at,steps,expected", [(0.5, 12, 6), (0.25, 12, 3), (0.01, 12, 1)])

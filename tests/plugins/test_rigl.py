@@ -42,9 +42,14 @@ def test_initial_masks_are_erk_by_default():
     setup = tiny_setup(RigL, steps=1, sparsity=0.9)
     start_run(setup)
     densities = erk_densities(setup.run.layers, 0.9)
-    for name, mask in setup.run.masks.items():
-        assert int(mask.sum()) == round(densities[name] * mask.numel())
+    for name, layer in setup.run.logical_layers.items():
+        assert int(layer.mask(setup.run.masks).sum()) == round(densities[name] * layer.numel)
     setup.run.metrics.close()
+
+
+def _counts(run):
+    """Active count per logical layer (GPT-2's c_attn as q, k and v)."""
+    return {n: int(layer.mask(run.masks).sum()) for n, layer in run.logical_layers.items()}
 
 
 class Probe:
@@ -58,7 +63,7 @@ class Probe:
 
     @hookimpl
     def on_train_start(self, run):
-        self.initial = {n: int(m.sum()) for n, m in run.masks.items()}
+        self.initial = _counts(run)
 
     @hookimpl
     def loss_terms(self, run, step, batch, outputs):
@@ -67,7 +72,7 @@ class Probe:
 
     @hookimpl
     def on_mask_change(self, run, step, old, new):
-        report = {"step": step, "counts": {n: int(m.sum()) for n, m in run.masks.items()}, "layers": {}}
+        report = {"step": step, "counts": _counts(run), "layers": {}}
         for name in new:
             changed = old[name] != new[name]
             state = run.optimizer.state[run.sparsifiable[name]]

@@ -79,6 +79,11 @@ def test_update_happens_every_delta_t_steps_strictly_before_the_end():
     assert [t for t in range(1, 301) if update_due(t, 25, 225)] == list(range(25, 225, 25))
 
 
+def _counts(run):
+    """Active count per logical layer (GPT-2's c_attn as q, k and v)."""
+    return {n: int(layer.mask(run.masks).sum()) for n, layer in run.logical_layers.items()}
+
+
 class Probe:
     name = "probe"
     observer = True
@@ -88,12 +93,12 @@ class Probe:
 
     @hookimpl
     def on_train_start(self, run):
-        self.initial = {n: int(m.sum()) for n, m in run.masks.items()}
+        self.initial = _counts(run)
 
     @hookimpl
     def on_mask_change(self, run, step, old, new):
         regrown_values = [float(run.sparsifiable[n].detach()[new[n] & ~old[n]].abs().sum()) for n in new]
-        self.changes.append((step, {n: int(m.sum()) for n, m in run.masks.items()},
+        self.changes.append((step, _counts(run),
                              {n: (int((old[n] & ~new[n]).sum()), int(old[n].sum())) for n in new}, regrown_values))
 
 
@@ -117,8 +122,8 @@ def test_initial_masks_follow_erdos_renyi(method, overrides):
     run = setup.run
     start_run(setup)
     densities = er_densities(run.layers, 0.9)
-    for name, mask in run.masks.items():
-        assert int(mask.sum()) == round(densities[name] * mask.numel())
+    for name, layer in run.logical_layers.items():
+        assert int(layer.mask(run.masks).sum()) == round(densities[name] * layer.numel)
     setup.run.metrics.close()
 
 

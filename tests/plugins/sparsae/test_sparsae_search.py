@@ -14,7 +14,7 @@ from sparsebench.losses import cross_entropy
 from sparsebench.methods import Method
 from sparsebench.run_setup import setup_run
 from sparsebench.summary import build_summary
-from sparsebench_plugins.sparsae.search import active_counts
+from sparsebench_plugins.sparsae.search import layer_counts
 from tests.helpers import registry_with, run_configs, train_config
 
 TRAINING = {"steps": 2, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
@@ -58,7 +58,7 @@ def _assert_same(a: dict, b: dict) -> None:
 def test_evaluating_candidates_leaves_model_gradients_masks_and_optimizer_bit_identical(write_suite, registry):
     setup, run, search = _ready(write_suite, registry, lambda_=5, p_global_reset=0.5)
     before = _snapshot(run)
-    counts = active_counts(run.masks)
+    counts = layer_counts(run, run.masks)
     candidates = search.draw_candidates(run, run.masks, counts, p_reset=0.5)
     assert {c.kind for c in candidates} >= {"current", "mutant"} and len(candidates) == 6
     batch = run.heldout.batches[0]
@@ -73,7 +73,7 @@ def test_evaluating_candidates_leaves_model_gradients_masks_and_optimizer_bit_id
 
 def test_candidate_memory_is_swap_lists_not_copies_of_masks_or_weights(write_suite, registry):
     setup, run, search = _ready(write_suite, registry, lambda_=5)
-    counts = active_counts(run.masks)
+    counts = layer_counts(run, run.masks)
     candidates = search.draw_candidates(run, run.masks, counts, p_reset=0.0)
     n_swaps = round(0.005 * sum(counts.values()))
     for cand in candidates[1:]:
@@ -84,7 +84,7 @@ def test_candidate_memory_is_swap_lists_not_copies_of_masks_or_weights(write_sui
 
 def test_candidate_grad_term_is_the_masked_gradient_norm_over_sqrt_active(write_suite, registry):
     setup, run, search = _ready(write_suite, registry, lambda_=1)
-    counts = active_counts(run.masks)
+    counts = layer_counts(run, run.masks)
     mutant = search.draw_candidates(run, run.masks, counts, p_reset=0.0)[1]
     batch = run.heldout.batches[0]
     result = search.evaluate(run, run.masks, counts, mutant, batch)
@@ -103,11 +103,14 @@ def test_candidate_grad_term_is_the_masked_gradient_norm_over_sqrt_active(write_
         delattr(model.get_submodule(module_name), attr)
         setattr(model.get_submodule(module_name), attr, originals[name] * new_masks[name])
     loss = cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
-    grads = torch.autograd.grad(loss, list(originals.values()))
-    terms = [float(g.norm()) / math.sqrt(int(new_masks[n].sum())) for n, g in zip(originals, grads)]
+    grads = dict(zip(originals, torch.autograd.grad(loss, list(originals.values()))))
+    parts = run.logical_layers  # per logical layer: c_attn's q, k and v are three terms
+    terms = [float(p.view(grads[p.parent]).norm()) / math.sqrt(int(p.mask(new_masks).sum())) for p in parts.values()]
+    assert len(terms) == len(run.sparsifiable) + 2 * 2  # the kit's GPT-2 has two c_attn
     assert result["raw"]["ce"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert result["raw"]["grad"] == pytest.approx(sum(terms) / len(terms), rel=1e-4)
-    assert result["layer_sparsity"] == pytest.approx({n: 1 - float(m.float().mean()) for n, m in new_masks.items()})
+    assert result["layer_sparsity"] == pytest.approx(
+        {n: 1 - float(p.mask(new_masks).float().mean()) for n, p in parts.items()})
 
 
 def _poison_first_mutant(search):
@@ -240,7 +243,7 @@ def test_sparsae_run_keeps_the_global_count_and_logs_every_update(write_suite, r
         assert len(r["sparsae/candidates"]) == 4
         assert {"ce", "div", "grad", "n_ce", "n_div", "n_grad", "proxy"} <= set(r["sparsae/candidates"][0])
         assert set(r["sparsae/norm"]) == {"ce", "div", "grad"} and "sigma" in r["sparsae/norm"]["div"]
-        assert set(r["sparsae/layer_sparsity"]) == set(run.masks) == set(r["sparsae/layer_grad"])
+        assert set(r["sparsae/layer_sparsity"]) == set(run.logical_layers) == set(r["sparsae/layer_grad"])
         assert {"winner", "swaps", "reset", "bound_changes", "search_s", "heldout_ppl"} <= {
             k.split("/", 1)[1] for k in r if k.startswith("sparsae/")}
         assert r["sparsae/swaps"] == (0 if r["sparsae/winner"] == 0 else round(0.02 * sum(
