@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
+import yaml
 from rich.console import Console
 
 from tests.docs.markdown import DOCS, README, ROOT, code_blocks, section, table_rows, text
 from tests.docs.test_manual import _option_rows, _same_default
+from tests.helpers import run_configs
 
 RESULTS = text(DOCS / "results.md")
 LOGGERS = text(DOCS / "loggers.md")
@@ -31,14 +34,8 @@ def test_every_option_of_a_logger_has_a_row_with_its_real_default(registry):
             assert _same_default(defaults[option], shown), (name, option, defaults[option], shown)
 
 
-def test_loggers_example_validates_with_the_documented_plugins(write_suite, registry, monkeypatch):
-    import importlib.util
-
-    from tests.helpers import run_configs
-
+def test_loggers_example_validates_with_the_documented_plugins(write_suite, registry):
     block = next(b for b in code_blocks(LOGGERS, "yaml") if "plugins:" in b)
-    import yaml
-
     plugins = yaml.safe_load(block)["plugins"]
     if importlib.util.find_spec("wandb") is None:  # its option validator needs the package
         plugins = [p for p in plugins if not (isinstance(p, dict) and "wandb" in p)]
@@ -150,3 +147,24 @@ def test_the_extras_named_in_the_pages_exist_and_the_extras_table_lists_them_all
     assert set(re.findall(r"sparsebench\[(\w+)\]", pages)) <= _extras()
     table = RESULTS.split("## Optional extras\n", 1)[1].split("\n## ", 1)[0]
     assert {row[0].strip("`") for row in table_rows(table)} == _extras()
+
+
+# ------------------------------------------------------------------ checkpoints.md
+
+CHECKPOINTS = text(DOCS / "checkpoints.md")
+
+
+def test_the_documented_lock_file_is_the_one_a_run_takes(tmp_path):
+    from sparsebench.run_lock import RunLock
+
+    assert "`<out>/<suite>/.<run-id>.lock`" in CHECKPOINTS
+    assert RunLock(tmp_path / "suite", "rigl-s0.9-x").path == tmp_path / "suite" / ".rigl-s0.9-x.lock"
+
+
+def test_the_documented_disk_full_message_is_the_one_the_command_prints():
+    from sparsebench.runner import DiskFull, _disk_full_message
+
+    block = next(b for b in code_blocks(CHECKPOINTS, "text") if b.startswith("stopped: "))
+    reason = re.search(r"^  `(disk full: [^`]+)`;$", CHECKPOINTS, flags=re.M).group(1)
+    message = _disk_full_message(DiskFull(f"run <run-id> failed: {reason}", {"error": reason}, True))
+    assert block.strip() == f"stopped: {message}"
