@@ -106,7 +106,8 @@ def test_files_listing_names_everything_a_finished_suite_writes(write_suite, tmp
         written.add("plots/" if relative.startswith("plots/") else relative)
     assert written <= documented, written - documented
     plots = {p.stem for p in (suite_dir / "plots").iterdir()}
-    plot_rows = {row[0].split("`")[1].split(".")[0] for row in table_rows(RESULTS.split("### Plots\n", 1)[1].split("\n## ", 1)[0])}
+    plots_section = RESULTS.split("### Plots\n", 1)[1].split("\n## ", 1)[0]
+    plot_rows = {row[0].split("`")[1].split(".")[0] for row in table_rows(plots_section)}
     assert plots == plot_rows
 
 
