@@ -74,7 +74,7 @@ def test_summary_csv_columns_are_the_documented_ones():
     from sparsebench.results import summaries_frame
 
     documented = _columns("`summary.csv` columns:")
-    assert documented[-3:] == ["method_config", "training.lr", "glue/sst2"]  # (JSON text), a swept key, a score
+    assert documented[-4:] == ["method_config", "warnings", "training.lr", "glue/sst2"]  # (JSON text), a count, a swept key, a score
     assert list(summaries_frame(_records()).columns) == documented
 
 
@@ -82,10 +82,10 @@ def test_table_csv_columns_are_the_documented_ones():
     from sparsebench.tables import METRICS, numeric_table
 
     named = _columns("`table.csv` columns:")
-    metrics = [m.removesuffix("_mean") for m in named[named.index("<metric>_std") + 1:named.index("n_failed")]]
+    metrics = [m.removesuffix("_mean") for m in named[named.index("<metric>_std") + 1:named.index("warnings")]]
     assert metrics == [*METRICS, "glue/sst2"]  # the six figures, then a downstream score (`glue/sst2_mean`)
     expected = [*named[:3], "training.lr", "n_seeds", "seeds",
-                *[f"{m}{suffix}" for m in metrics for suffix in ("_mean", "_std")], *named[-3:]]
+                *[f"{m}{suffix}" for m in metrics for suffix in ("_mean", "_std")], *named[-4:]]
     assert list(numeric_table(_records()).columns) == expected
 
 
