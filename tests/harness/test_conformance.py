@@ -280,7 +280,7 @@ def test_kit_reports_undocumented_options():
 
 
 def test_kit_registers_as_a_pytest11_plugin():
-    assert "sparsebench.conformance" in {ep.value for ep in entry_points(group="pytest11")}
+    assert "sparsebench.conformance.pytest_plugin" in {ep.value for ep in entry_points(group="pytest11")}
 
 
 def test_a_third_party_test_file_runs_the_kit_through_the_installed_plugin(pytester):
@@ -309,3 +309,18 @@ def test_a_third_party_test_file_runs_the_kit_through_the_installed_plugin(pytes
     """))
     result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=5, skipped=1)
+
+
+def test_the_kit_imports_without_pytest_and_names_the_extra_when_pytest_is_missing():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"  # a plain install: no pytest
+        "import sparsebench.conformance as kit\n"
+        "assert callable(kit.check_config) and callable(kit.tiny_setup)\n"
+        "try:\n    kit.MethodConformance\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "sparsebench.conformance.MethodConformance needs pytest: pip install sparsebench[test]"
