@@ -40,9 +40,6 @@ def test_relative_links_resolve_to_files_and_headings(page):
 @pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
 def test_repository_paths_named_in_the_text_exist(page):
     source = without_code(text(page))  # code blocks hold a user's files (tests/test_my_method.py)
-    if "<!-- module-directory:start -->" in source:
-        # The module directory follows the engine/API refactoring; the lead checks it at merge.
-        source = source.replace(section(source, "module-directory"), "")
     missing = []
     for path, function in REPO_PATH.findall(source):
         file = ROOT / path
@@ -69,3 +66,10 @@ def test_anchors_follow_githubs_rules():
 def test_path_finder_sees_paths_in_commands_and_test_ids_but_not_inside_other_paths():
     found = REPO_PATH.findall("`python benchmarks/a.py --x`, `tests/b/test_c.py::test_d`, my/tests/e.py, <out>/suites/f.yaml")
     assert found == [("benchmarks/a.py", ""), ("tests/b/test_c.py", "test_d")]
+
+
+def test_the_module_directory_lists_every_module_of_the_harness():
+    directory = section(text(ROOT / "docs" / "architecture.md"), "module-directory")
+    listed = set(re.findall(r"`(sparsebench/[\w/]+\.py)`", directory))
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sparsebench").rglob("*.py")}
+    assert listed == on_disk, f"missing: {sorted(on_disk - listed)}; gone: {sorted(listed - on_disk)}"
