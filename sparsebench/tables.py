@@ -204,13 +204,20 @@ def _mean_std(mean: float, std: float, fmt: str) -> str:
     return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
+def _cell(value: Any) -> Any:
+    """An identifying cell as shown: ``—`` where a row has no such key (e.g. a method without that option)."""
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:g}"
+    return value
+
+
 def display_table(numeric: pd.DataFrame) -> pd.DataFrame:
     """The human table: ``mean ± std`` strings, a ``seeds`` count and a status column."""
     if numeric.empty:
         return pd.DataFrame(columns=["method", "sparsity", "model", "seeds", "status"])
     ident = [c for c in numeric.columns if c not in ("n_seeds", "seeds", "n_failed", "status", "error", "warnings")
              and not c.endswith(("_mean", "_std"))]
-    out = numeric[ident].astype(object).map(lambda v: f"{v:g}" if isinstance(v, float) else v)
+    out = numeric[ident].astype(object).map(_cell)
     out["sparsity"] = [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in numeric["sparsity"]]
     out["seeds"] = numeric["n_seeds"]
     for key, (title, fmt, _) in metric_titles(numeric).items():

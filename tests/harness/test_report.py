@@ -193,3 +193,21 @@ def test_two_model_mappings_are_two_rows_with_their_differing_fields():
     table = numeric_table(records, is_observer=lambda n: False)
     assert len(table) == 2 and table["model.n_embd"].tolist() == [32, 64]
     assert "model.n_layer" not in table.columns
+
+
+def test_a_method_without_a_swept_option_shows_a_dash_not_nan():
+    from sparsebench.tables import display_table, numeric_table
+
+    records = [
+        {"method": "static", "label": "static-erk", "sparsity_target": 0.9, "seed": 0, "status": "ok", "val_ppl": 2.0,
+         "config": {"method": {"name": "static", "config": {"distribution": "erk"}}}},
+        {"method": "static", "label": "static-uniform", "sparsity_target": 0.9, "seed": 0, "status": "ok", "val_ppl": 3.0,
+         "config": {"method": {"name": "static", "config": {"distribution": "uniform"}}}},
+        {"method": "dense", "label": "dense", "sparsity_target": 0.0, "seed": 0, "status": "ok", "val_ppl": 1.0,
+         "config": {"method": {"name": "dense", "config": {}}}},
+    ]
+    shown = display_table(numeric_table(records))
+    column = [c for c in shown.columns if "distribution" in c]
+    assert column, shown.columns
+    assert shown.loc[shown["method"] == "dense", column[0]].tolist() == ["—"]
+    assert "nan" not in shown.astype(str).to_string()
