@@ -27,6 +27,7 @@ class TensorBoardLogger(Method):
 
     name = "tensorboard"
     observer = True
+    requires = {"tensorboard": "pip install sparsebench[tensorboard]"}
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -31,6 +31,7 @@ class WandbLogger(Method):
 
     name = "wandb"
     observer = True
+    requires = {"wandb": "pip install sparsebench[wandb]"}
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

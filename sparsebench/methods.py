@@ -54,6 +54,10 @@ class Method:
     #: cannot provide them (``data.heldout_fraction: 0``, too little data) is refused by
     #: ``validate`` naming the key to change, instead of failing at the first mask update
     min_heldout_batches: ClassVar[int] = 0
+    #: packages the method imports that sparsebench does not install: import name → how to install
+    #: it (``{"wandb": "pip install sparsebench[wandb]"}``); a suite naming the method without them
+    #: is refused by ``validate`` in one line
+    requires: ClassVar[dict[str, str]] = {}
     #: True if the method trains at its own density whatever the suite's ``sparsity`` (dense
     #: training): its runs are recorded at sparsity 0 and the conformance kit skips the
     #: target-density checks.
@@ -93,7 +97,7 @@ class Method:
 
 
 #: Every attribute of the contract the harness reads; each is declared on :class:`Method`.
-CONTRACT = ("name", "Config", "changes_density", "keeps_dense_weights", "min_heldout_batches", "ignores_sparsity", "observer", "hookspecs",
+CONTRACT = ("name", "Config", "changes_density", "keeps_dense_weights", "min_heldout_batches", "requires", "ignores_sparsity", "observer", "hookspecs",
             "config", "components", "state_dict", "load_state_dict")
 
 

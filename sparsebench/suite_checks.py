@@ -6,6 +6,8 @@ Every refusal is one line that names the file, the key path and the allowed valu
 
 from __future__ import annotations
 
+import importlib.util
+
 import difflib
 import inspect
 import math
@@ -148,6 +150,9 @@ def parse_method(entry: Any, where: str, registry: Registry, allow_training: boo
         check_safe_name(label, f"{name}.label", where)
     training = _training_overrides(training, f"{where}.{name}.training", allow_training)
     cls = registry.get(name)
+    for module, install in (getattr(cls, "requires", None) or {}).items():
+        if importlib.util.find_spec(module) is None:  # refused here, not when its run starts
+            raise SuiteError(f"{where}.{name}: method '{name}' needs the {module} package: {install}")
     allowed = list(cls.Config.model_fields)
     for key in options:
         if key not in allowed:

@@ -100,7 +100,7 @@ def test_method_attributes_list_names_every_attribute_of_the_contract():
     named = {name for pair in pairs for name in pair if name}
     assert named == set(CONTRACT) - {"name", "Config"}  # name and Config: the example above
     defaults = re.findall(r"`(\w+) = [^`]+` \(default `([^`]+)`\)", listed)
-    assert len(defaults) == 6
+    assert len(defaults) == 7
     for attribute, default in defaults:
         assert repr(getattr(Method, attribute)) == default, attribute
 

@@ -101,8 +101,13 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(write_suite, tmp_pat
     assert "val ppl" in lines[-1]  # the final evaluation
 
 
-def test_a_logger_without_its_package_fails_the_run_saying_what_to_install(write_suite, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)
-    outcome = _run(write_suite, tmp_path, plugins=["tensorboard"])
-    assert outcome.summaries[0]["status"] == "failed"
-    assert "pip install sparsebench[tensorboard]" in outcome.summaries[0]["error"]
+@pytest.mark.parametrize("package, entry", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
+                                            ("wandb", {"wandb": {"project": "p"}})])
+def test_a_logger_without_its_package_is_refused_before_training_saying_what_to_install(
+        write_suite, tmp_path, monkeypatch, package, entry):
+    from sparsebench.errors import SuiteError
+
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(SuiteError, match=rf"pip install sparsebench\[{package}\]"):
+        _run(write_suite, tmp_path, plugins=[entry])
+    assert not (tmp_path / "out").exists()  # nothing written
