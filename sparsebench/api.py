@@ -51,6 +51,9 @@ Contents:
 * **Losses** — :func:`cross_entropy` (the harness's training loss), :func:`autocast` (the
   autocast context the loop runs forward passes under; ``autocast_context`` is the old name)
   and :func:`perplexity` (``exp(loss)`` of a mean token NLL, ``inf`` past overflow).
+* **Kernels** — :func:`gradient_activity` (``[Σg², Σg² over each candidate mask]`` of a layer from
+  one pass over its gradient, candidates as swap deltas; SparsAE's proxy) on the backend
+  ``run.kernels`` names (Triton on a GPU that supports it, the PyTorch reference otherwise).
 """
 
 from __future__ import annotations
@@ -85,11 +88,14 @@ from sparsebench.masks import (
     uniform_densities,
 )
 from sparsebench.methods import Method, NoOptions
+from sparsebench_kernels.grad_activity import grad_activity as gradient_activity
 
 #: the autocast context of ``training.dtype`` (a no-op for float32): ``with autocast(run): ...``
 autocast = autocast_context
 
 __all__ = [
+    # kernels
+    "gradient_activity",
     # writing a method
     "hookimpl",
     "hookspec",

@@ -83,6 +83,9 @@ class Run:
     out_dir: Optional[Path] = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
+    #: the kernels this run computes with, ``"torch"`` or ``"triton"`` (``training.kernels`` resolved
+    #: for the device); plugins pass it to the kernels of :mod:`sparsebench.api`
+    kernels: str = "torch"
     #: set by the loop: which plugin instances take part, by registered name
     plugins: dict[str, Any] = field(default_factory=dict)
 

@@ -186,6 +186,7 @@ def setup_run(
         metrics=metrics,
         out_dir=out_dir,
         plugins=dict(plugins),
+        kernels=kernels,
     )
     keep_counts = not any(getattr(p, "changes_density", False) for _, p in plugins)
     keeps_dense = any(getattr(p, "keeps_dense_weights", False) for _, p in plugins)

@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sparsebench import Method, hookimpl
-from sparsebench.api import PluginError, autocast_context, cross_entropy, perplexity, random_start
+from sparsebench.api import PluginError, autocast_context, cross_entropy, gradient_activity, perplexity, random_start
 from sparsebench_plugins.sparsae.adapt import adapt_candidate
 from sparsebench_plugins.sparsae.proxy import CompositeProxy, diversity, layer_grad_term, select
 from sparsebench_plugins.sparsae.regrow import KaimingRegrow
@@ -311,18 +311,15 @@ class MaskSearch(Method):
                     for name, value in zip(names, snapshot):
                         params[name].copy_(value)
             run.model.train(was_training)
-        squares = {n: (g if g is not None else torch.zeros_like(params[n])).float().square()
-                   for n, g in zip(names, grads)}
+        grad_of = {n: g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads)}
         parts = run.logical_layers  # per logical layer: c_attn's q, k and v are three layers
         names = list(parts)
         rows = []
-        for name, layer in parts.items():
-            sq = layer.view(squares[layer.parent]).reshape(-1)
-            active = sq[layer.view(masks[layer.parent]).reshape(-1)].sum()
+        for name, layer in parts.items():  # [Σg², Σg² over M′] from one pass (a Triton kernel on GPUs)
             swaps = (candidate.parts or candidate.layers).get(name)
-            if swaps is not None:
-                active = active - sq[swaps.off].sum() + sq[swaps.on].sum()
-            rows.append(torch.stack([sq.sum(), active]))
+            rows.append(gradient_activity(layer.view(grad_of[layer.parent]).contiguous(),
+                                          layer.view(masks[layer.parent]).contiguous(),
+                                          [None if swaps is None else (swaps.off, swaps.on)], backend=run.kernels))
         values = torch.cat([ce.detach().float().view(1), torch.stack(rows).view(-1)]).tolist()  # one sync
         ce_value, per_layer = values[0], values[1:]
         totals, active_sq = per_layer[0::2], per_layer[1::2]

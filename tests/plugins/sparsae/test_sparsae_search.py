@@ -113,6 +113,21 @@ def test_candidate_grad_term_is_the_masked_gradient_norm_over_sqrt_active(write_
         {n: 1 - float(p.mask(new_masks).float().mean()) for n, p in parts.items()})
 
 
+def test_the_grad_term_goes_through_the_gradient_activity_kernel_on_the_runs_backend(write_suite, registry, monkeypatch):
+    import sparsebench_plugins.sparsae.search as search_module
+
+    setup, run, search = _ready(write_suite, registry, lambda_=1)
+    assert run.kernels == setup.kernels == "torch"  # training.kernels: auto on a CPU
+    calls = []
+    real = search_module.gradient_activity
+    monkeypatch.setattr(search_module, "gradient_activity",
+                        lambda g, m, swaps, backend: calls.append(backend) or real(g, m, swaps, backend=backend))
+    counts = layer_counts(run, run.masks)
+    mutant = search.draw_candidates(run, run.masks, counts, p_reset=0.0)[1]
+    search.evaluate(run, run.masks, counts, mutant, run.heldout.batches[0])
+    assert calls == ["torch"] * len(run.logical_layers)  # one call per logical layer
+
+
 def _poison_first_mutant(search):
     draw = search.draw_candidates
 
