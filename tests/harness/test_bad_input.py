@@ -235,7 +235,7 @@ def _results_folder(tmp_path: Path, summary) -> Path:
 
 def test_report_on_a_summary_that_is_not_an_object_is_one_line(runner, tmp_path):
     folder = _results_folder(tmp_path, [1, 2, 3])
-    _assert_one_line_exit_2(_invoke(runner, "report", folder), "no */summary.json found")
+    _assert_one_line_exit_2(_invoke(runner, "report", folder), "no run summaries (*/summary.json) found")
 
 
 def test_report_into_a_read_only_folder_is_one_line(runner, tmp_path, monkeypatch):
