@@ -10,14 +10,13 @@ gives one column per metric.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.api import Method
+from sparsebench.api import Method, final_scalars, finite, mask_scalars
 
 
 class CSVLogger(Method):
@@ -66,10 +65,7 @@ class CSVLogger(Method):
 
     @hookimpl
     def on_run_end(self, run, summary) -> None:
-        final = {f"final/{k}": summary.get(k) for k in ("val_ppl", "test_ppl", "sparsity_actual",
-                                                         "train_flops_vs_dense", "overhead_frac", "turnover")}
-        final.update({f"final_density/{n}": d for n, d in (summary.get("layer_density") or {}).items()})
-        self._write(run.step, final)
+        self._write(run.step, final_scalars(summary))
         if self.handle is not None:
             self.handle.close()
             self.handle = self.writer = None
@@ -77,17 +73,13 @@ class CSVLogger(Method):
     def _masks(self, run, step: int) -> None:
         if not run.masks:
             return
-        values = {f"density/{n}": run.density(n) for n in run.masks}
-        active = sum(int(m.sum()) for m in run.masks.values())
-        moved = sum(int((m & ~self.initial[n]).sum()) for n, m in run.masks.items() if n in self.initial)
-        values["mask/turnover"] = moved / max(active, 1)
-        self._write(step, values)
+        self._write(step, mask_scalars(run, self.initial))
 
     def _write(self, step: int, values: dict) -> None:
         if self.writer is None:
             return
         for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if finite(value):
                 self.writer.writerow([step, key, value])
         self.handle.flush()
 

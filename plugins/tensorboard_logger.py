@@ -9,14 +9,13 @@ never changes what is trained, so adding it to a finished suite re-trains nothin
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.api import Method
+from sparsebench.api import Method, final_scalars, finite, mask_scalars
 
 
 MISSING = "the tensorboard logger needs the tensorboard package: pip install sparsebench[tensorboard]"
@@ -61,14 +60,14 @@ class TensorBoardLogger(Method):
         if self.writer is None:
             return
         for key, value in record.items():
-            if key not in ("step", "val_loss", "val_ppl") and _finite(value):
+            if key not in ("step", "val_loss", "val_ppl") and finite(value):
                 self.writer.add_scalar(_tag(key), value, step)
 
     @hookimpl
     def on_evaluate(self, run, step: int, metrics) -> None:
         if self.writer is not None:
             for key, value in metrics.items():
-                if _finite(value):
+                if finite(value):
                     self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
 
     @hookimpl
@@ -79,31 +78,20 @@ class TensorBoardLogger(Method):
     def on_run_end(self, run, summary) -> None:
         if self.writer is None:
             return
-        for key in ("val_ppl", "test_ppl", "sparsity_actual", "train_flops_vs_dense", "inference_flops_vs_dense",
-                    "overhead_frac", "turnover"):
-            if _finite(summary.get(key)):
-                self.writer.add_scalar(f"final/{key}", summary[key], run.step)
-        for name, density in (summary.get("layer_density") or {}).items():
-            self.writer.add_scalar(f"final_density/{name}", density, run.step)
+        for tag, value in final_scalars(summary).items():
+            self.writer.add_scalar(tag, value, run.step)
         self.writer.close()
         self.writer = None
 
     def _masks(self, run, step: int) -> None:
         if self.writer is None or not run.masks:
             return
-        for name in run.masks:
-            self.writer.add_scalar(f"density/{name}", run.density(name), step)
-        active = sum(int(m.sum()) for m in run.masks.values())
-        moved = sum(int((m & ~self.initial[n]).sum()) for n, m in run.masks.items() if n in self.initial)
-        self.writer.add_scalar("mask/turnover", moved / max(active, 1), step)
+        for tag, value in mask_scalars(run, self.initial).items():
+            self.writer.add_scalar(tag, value, step)
 
 
 def _tag(key: str) -> str:
     return key if "/" in key else f"train/{key}"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_rank0() -> bool:

@@ -9,14 +9,13 @@ mask change, and the final figures as the W&B run summary. Needs ``pip install s
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsebench import hookimpl
-from sparsebench.api import Method
+from sparsebench.api import Method, final_scalars, finite, mask_scalars
 
 MISSING = "the wandb logger needs the wandb package: pip install sparsebench[wandb]"
 
@@ -86,33 +85,21 @@ class WandbLogger(Method):
     def on_run_end(self, run, summary) -> None:
         if self.wb is None:
             return
-        for key in ("val_ppl", "test_ppl", "sparsity_actual", "train_flops_vs_dense", "inference_flops_vs_dense",
-                    "overhead_frac", "turnover"):
-            if _finite(summary.get(key)):
-                self.wb.summary[key] = summary[key]
-        for name, density in (summary.get("layer_density") or {}).items():
-            self.wb.summary[f"final_density/{name}"] = density
+        for key, value in final_scalars(summary).items():
+            self.wb.summary[key] = value
         self.wb.finish()
         self.wb = None
 
     def _masks(self, run, step: int) -> None:
         if self.wb is None or not run.masks:
             return
-        values = {f"density/{n}": run.density(n) for n in run.masks}
-        active = sum(int(m.sum()) for m in run.masks.values())
-        moved = sum(int((m & ~self.initial[n]).sum()) for n, m in run.masks.items() if n in self.initial)
-        values["mask/turnover"] = moved / max(active, 1)
-        self._log(values, step)
+        self._log(mask_scalars(run, self.initial), step)
 
     def _log(self, values: dict, step: int) -> None:
         if self.wb is not None:
-            numbers = {k: v for k, v in values.items() if _finite(v)}
+            numbers = {k: v for k, v in values.items() if finite(v)}
             if numbers:
                 self.wb.log(numbers, step=step)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_rank0() -> bool:

@@ -51,6 +51,9 @@ Contents:
 * **Losses** — :func:`cross_entropy` (the harness's training loss), :func:`autocast` (the
   autocast context the loop runs forward passes under; ``autocast_context`` is the old name)
   and :func:`perplexity` (``exp(loss)`` of a mean token NLL, ``inf`` past overflow).
+* **Observers** — :func:`mask_scalars` (density per mask and turnover since a starting mask),
+  :func:`final_scalars` (``final/…`` and ``final_density/…`` of a summary) and :func:`finite`:
+  what the logger plugins write besides ``metrics.jsonl``'s records.
 * **Kernels** — :func:`gradient_activity` (``[Σg², Σg² over each candidate mask]`` of a layer from
   one pass over its gradient, candidates as swap deltas; SparsAE's proxy) on the backend
   ``run.kernels`` names (Triton on a GPU that supports it, the PyTorch reference otherwise).
@@ -87,6 +90,7 @@ from sparsebench.masks import (
     row_col_dims,
     uniform_densities,
 )
+from sparsebench.log_scalars import final_scalars, finite, mask_scalars
 from sparsebench.methods import Method, NoOptions
 from sparsebench_kernels.grad_activity import grad_activity as gradient_activity
 
@@ -94,6 +98,10 @@ from sparsebench_kernels.grad_activity import grad_activity as gradient_activity
 autocast = autocast_context
 
 __all__ = [
+    # observers (loggers)
+    "final_scalars",
+    "finite",
+    "mask_scalars",
     # kernels
     "gradient_activity",
     # writing a method
