@@ -212,6 +212,9 @@ def _runs_of(suite: SuiteConfig, where: str, registry: Registry) -> list[RunConf
         cls = registry.get(spec.name)
         for part in [spec, *spec.with_, *plugins]:
             check_heldout(registry.get(part.name), suite.data, training, entry_where)
+            if suite.distributed.backend == "deepspeed" and getattr(registry.get(part.name), "keeps_dense_weights", False):
+                raise SuiteError(f"{entry_where}: method '{part.name}' keeps dense weights (keeps_dense_weights), "
+                                 "which DeepSpeed runs do not support; remove distributed: or the method")
         sparsity = 0.0 if getattr(cls, "ignores_sparsity", False) else suite.sparsity
         for seed in suite.seeds:
             runs.append(RunConfig(

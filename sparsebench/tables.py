@@ -193,7 +193,9 @@ def _number(value: Any) -> Optional[float]:
 def metric_titles(numeric: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
     """Metric key → (title, format, lower is better) for every metric column of ``numeric``."""
     keys = [c[: -len("_mean")] for c in numeric.columns if c.endswith("_mean")]
-    return {k: METRICS.get(k, (k, DOWNSTREAM_FORMAT, False)) for k in keys}
+    # a downstream score is better higher (accuracy, F1, MCC) unless it is a perplexity (lm-eval's
+    # word/byte perplexity), so the bold "best" of table.tex points the right way
+    return {k: METRICS.get(k, (k, DOWNSTREAM_FORMAT, "perplexity" in k)) for k in keys}
 
 
 def _mean_std(mean: float, std: float, fmt: str) -> str:

@@ -211,3 +211,11 @@ def test_a_method_without_a_swept_option_shows_a_dash_not_nan():
     assert column, shown.columns
     assert shown.loc[shown["method"] == "dense", column[0]].tolist() == ["—"]
     assert "nan" not in shown.astype(str).to_string()
+
+
+def test_a_downstream_perplexity_is_best_when_lowest_and_an_accuracy_when_highest():
+    from sparsebench.tables import metric_titles
+
+    numeric = pd.DataFrame({"lm_eval/wikitext_word_perplexity_mean": [30.0, 20.0], "glue/sst2_mean": [0.8, 0.9]})
+    titles = metric_titles(numeric)
+    assert titles["lm_eval/wikitext_word_perplexity"][2] is True and titles["glue/sst2"][2] is False

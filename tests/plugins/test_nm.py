@@ -327,3 +327,12 @@ def test_speedup_benchmark_says_it_needs_cuda_and_measures_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "need CUDA" in result.stdout and "Nothing measured" in result.stdout
     assert not (tmp_path / "figures.json").exists()
+
+
+def test_a_deepspeed_suite_with_nm_is_refused_by_validate(write_suite, registry):
+    from sparsebench.errors import SuiteError
+    from sparsebench.suites import expand_suite
+
+    path = write_suite(methods=["nm"], distributed={"backend": "deepspeed", "config": {}})
+    with pytest.raises(SuiteError, match=r"method 'nm' keeps dense weights .* DeepSpeed runs do not support"):
+        expand_suite(path, registry)
