@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.api import Method, final_scalars, finite, mask_scalars
+from sparsebench.api import Method, final_scalars, finite, is_rank0, mask_scalars
 
 
 class CSVLogger(Method):
@@ -42,7 +42,7 @@ class CSVLogger(Method):
             if run.out_dir is None:
                 return  # a run trained in memory has no folder to write into
             path = Path(run.out_dir) / path
-        if not _is_rank0():
+        if not is_rank0():
             return
         new = not path.exists() or path.stat().st_size == 0
         self.handle = open(path, "a", encoding="utf-8", newline="")
@@ -82,9 +82,3 @@ class CSVLogger(Method):
             if finite(value):
                 self.writer.writerow([step, key, value])
         self.handle.flush()
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

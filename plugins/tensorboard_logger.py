@@ -14,7 +14,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.api import Method, final_scalars, finite, mask_scalars
+from sparsebench.api import Method, final_scalars, finite, is_rank0, mask_scalars
 
 
 MISSING = "the tensorboard logger needs the tensorboard package: pip install sparsebench[tensorboard]"
@@ -40,7 +40,7 @@ class TensorBoardLogger(Method):
     @hookimpl
     def configure(self, run) -> None:
         folder = self.config.log_dir or (Path(run.out_dir) / "tensorboard" if run.out_dir else None)
-        if folder is None or not _is_rank0():
+        if folder is None or not is_rank0():
             return  # a run trained in memory has nowhere to write; other ranks leave it to rank 0
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -92,9 +92,3 @@ class TensorBoardLogger(Method):
 
 def _tag(key: str) -> str:
     return key if "/" in key else f"train/{key}"
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsebench import hookimpl
-from sparsebench.api import Method, final_scalars, finite, mask_scalars
+from sparsebench.api import Method, final_scalars, finite, is_rank0, mask_scalars
 
 MISSING = "the wandb logger needs the wandb package: pip install sparsebench[wandb]"
 
@@ -40,7 +40,7 @@ class WandbLogger(Method):
 
     @hookimpl
     def configure(self, run) -> None:
-        if not _is_rank0():
+        if not is_rank0():
             return
         try:
             import wandb
@@ -86,9 +86,3 @@ class WandbLogger(Method):
             numbers = {k: v for k, v in values.items() if finite(v)}
             if numbers:
                 self.wb.log(numbers, step=step)
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -52,7 +52,8 @@ Contents:
   autocast context the loop runs forward passes under; ``autocast_context`` is the old name)
   and :func:`perplexity` (``exp(loss)`` of a mean token NLL, ``inf`` past overflow).
 * **Observers** — :func:`mask_scalars` (density per mask and turnover since a starting mask),
-  :func:`final_scalars` (``final/…`` and ``final_density/…`` of a summary) and :func:`finite`:
+  :func:`final_scalars` (``final/…`` and ``final_density/…`` of a summary), :func:`finite` and
+  :func:`is_rank0` (whether this process writes; always true without a process group):
   what the logger plugins write besides ``metrics.jsonl``'s records.
 * **Kernels** — :func:`gradient_activity` (``[Σg², Σg² over each candidate mask]`` of a layer from
   one pass over its gradient, candidates as swap deltas; SparsAE's proxy) on the backend
@@ -76,6 +77,7 @@ from sparsebench.drop_grow import (
     magnitude_masks,
     update_due,
 )
+from sparsebench.engines.collectives import is_rank0
 from sparsebench.errors import PluginError
 from sparsebench.logical_layers import FUSED_LAYOUTS, FusedLayout, LogicalLayer, logical_layers, map_layers, register_fused_layout
 from sparsebench.losses import autocast_context, cross_entropy
@@ -99,6 +101,7 @@ autocast = autocast_context
 
 __all__ = [
     # observers (loggers)
+    "is_rank0",
     "final_scalars",
     "finite",
     "mask_scalars",
