@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
+import torch
+
 from sparsebench.loop import train
 from sparsebench.registry import load_registry
 from sparsebench.run_setup import setup_run
@@ -28,3 +30,14 @@ def train_config(cfg, registry, out_dir=None, observers=()):
         return setup, train(setup)
     finally:
         setup.run.metrics.close()
+
+
+def swap_first_pair(masks: dict) -> dict:
+    """Every mask with its first pruned position regrown and its first active one pruned (counts kept)."""
+    new = {}
+    for name, mask in masks.items():
+        flat = mask.clone().view(-1)
+        off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
+        flat[off], flat[on] = True, False
+        new[name] = flat.view_as(mask)
+    return new

@@ -11,7 +11,7 @@ from sparsebench.engines import LocalEngine, make_engine
 from sparsebench.losses import cross_entropy
 from sparsebench.methods import Method
 from sparsebench.run_setup import setup_run
-from tests.helpers import registry_with, run_configs, train_config
+from tests.helpers import registry_with, run_configs, swap_first_pair, train_config
 
 
 def _setup(write_suite, registry, **training):
@@ -205,13 +205,7 @@ class SwapAtThree(Method):
     def update_mask(self, run, step, masks):
         if step != 3:
             return None
-        new = {}
-        for name, m in masks.items():
-            flat = m.clone().view(-1)
-            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
-            flat[off], flat[on] = True, False
-            new[name] = flat.view_as(m)
-        return new
+        return swap_first_pair(masks)  # one pruned and one active position swapped
 
 
 @pytest.mark.slow  # inductor compiles the tiny GPT's forward and backward in C++: minutes on a busy CPU

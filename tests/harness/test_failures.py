@@ -22,7 +22,7 @@ from sparsebench.cli import app
 from sparsebench.methods import Method
 from sparsebench.runner import run_suite
 from tests.conftest import TINY_SUITE
-from tests.helpers import registry_with
+from tests.helpers import registry_with, swap_first_pair
 
 CORE_HOOKS = ["init_mask", "update_mask", "loss_terms", "on_mask_change"]
 
@@ -61,13 +61,7 @@ class Raiser(Method):
         self._maybe_raise("update_mask", step)
         if self.config.hook != "on_mask_change" or step != 2:
             return None
-        new = {}
-        for name, mask in masks.items():  # swap one pruned and one active position
-            flat = mask.clone().view(-1)
-            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
-            flat[off], flat[on] = True, False
-            new[name] = flat.view_as(mask)
-        return new
+        return swap_first_pair(masks)  # one pruned and one active position swapped
 
     @hookimpl
     def on_mask_change(self, run, step, old, new):

@@ -7,7 +7,7 @@ import torch
 
 from sparsebench import hookimpl
 from sparsebench.methods import Method
-from tests.helpers import registry_with, run_configs, train_config
+from tests.helpers import registry_with, run_configs, swap_first_pair, train_config
 
 
 class Recorder(Method):
@@ -50,13 +50,7 @@ class Recorder(Method):
         self.saw_dense_grad = bool((run.sparsifiable[name].grad[~masks[name]] != 0).any())
         if step != 4:
             return None
-        new = {}
-        for name, m in masks.items():
-            flat = m.clone().view(-1)
-            off, on = int(torch.nonzero(~flat)[0]), int(torch.nonzero(flat)[0])
-            flat[off], flat[on] = True, False
-            new[name] = flat.view_as(m)
-        return new
+        return swap_first_pair(masks)  # one pruned and one active position swapped
 
     @hookimpl
     def on_mask_change(self, run, step, old, new):
